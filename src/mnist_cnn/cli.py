@@ -109,6 +109,104 @@ def cmd_data_show(args) -> int:
     return 0
 
 
+# --- train, evaluate, predict --------------------------------------------------------------
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from mnist_cnn.data import load_dataset
+    from mnist_cnn.data.catalog import NOTEBOOK_ACCURACY
+    from mnist_cnn.models import build_model
+    from mnist_cnn.recipes import resolve_recipe
+    from mnist_cnn.rundir import default_run_dir
+    from mnist_cnn.train import fit
+
+    recipe = resolve_recipe(
+        args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        eval_every=args.eval_every,
+    )  # fmt: skip
+    ds = load_dataset(args.dataset, log=lambda msg: print(msg, file=sys.stderr))
+    out = args.out or default_run_dir(ds.name, recipe.name)
+    torch.manual_seed(args.seed)
+    model = build_model(recipe.model, num_classes=ds.num_classes)
+    print(f"training '{recipe.model}' on {ds.name} with recipe '{recipe.name}' -> {out}")
+    result = fit(
+        model, ds, recipe, seed=args.seed, device=args.device, out=out, overwrite=args.overwrite
+    )
+    summary = result.summary
+    line = f"final test accuracy {summary['test_accuracy']:.4f}"
+    reference = NOTEBOOK_ACCURACY.get(ds.name)
+    if reference is not None:
+        line += f" (notebook: {reference:.4f})"
+    print(f"{line}, {summary['train_seconds']:.1f} s of training; run directory {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mnist_cnn.reports import CONFUSION, MISTAKES, REPORT, evaluate_run
+
+    report = evaluate_run(args.run_dir, args.split)
+    print(f"{report['dataset']} {report['split']}: {report['images']} images")
+    print(f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}  "
+          f"mistakes {report['mistakes']}")  # fmt: skip
+    width = max(8, *(len(r["class_name"]) for r in report["per_class"]))
+    print(f"{'class':<{width}}  precision  recall      f1  support")
+    for r in report["per_class"]:
+        print(f"{r['class_name']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  "
+              f"{r['f1']:6.4f}  {r['support']:7d}")  # fmt: skip
+    for name in (CONFUSION, MISTAKES, REPORT):
+        print(f"wrote {Path(args.run_dir) / name}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    import torch
+
+    from mnist_cnn.data import load_dataset
+    from mnist_cnn.images import load_image, style_for
+    from mnist_cnn.predict import predict_records
+    from mnist_cnn.rundir import CONFIG, load_model, read_json
+
+    if bool(args.images) == (args.index is not None):
+        raise UserError("give image files or --index N (one of the two)")
+    model = load_model(args.run_dir)
+    config = read_json(Path(args.run_dir) / CONFIG)
+    classes = config["classes"]
+    if args.index is not None:
+        test = load_dataset(config["dataset"]).test
+        if not 0 <= args.index < len(test):
+            raise UserError(f"--index {args.index} is out of range: the test set has "
+                            f"{len(test)} images (0..{len(test) - 1})")  # fmt: skip
+        images = test.images[args.index : args.index + 1]
+        names = [f"test[{args.index}]"]
+    else:
+        style = style_for(config["dataset"])
+        images = torch.stack([load_image(path, style) for path in args.images])
+        names = [str(p) for p in args.images]
+    records = predict_records(model, images, names, classes, args.top_k)
+    for record in records:
+        if args.json:
+            print(json.dumps(record))
+        else:
+            others = ", ".join(f"{t['class_name']} {t['probability']:.4f}" for t in record["top_k"])
+            print(f"{record['input']}: {record['class_name']}  (top {len(record['top_k'])}: "
+                  f"{others})")  # fmt: skip
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -135,6 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=64, help="how many images (default 64)")
     p.add_argument("--out", type=Path, help="PNG path (default NAME-SPLIT-samples.png)")
     p.set_defaults(func=cmd_data_show)
+
+    p = commands.add_parser("train", help="train a model with a recipe; write a run directory")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder")
+    p.add_argument("--recipe", default="seed", help="seed (the notebook), ...")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--eval-every", type=_nonnegative_float, metavar="SECONDS",
+        help="evaluate every SECONDS of training and after each epoch (0: after epochs only)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, metavar="RUN_DIR", help="default runs/DATASET-RECIPE-TIME")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("evaluate", help="accuracy, per-class table, confusion + mistakes")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("predict", help="classify image files or a test image")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
+    p.add_argument("--index", type=int, metavar="N", help="test image N of the run's data set")
+    p.add_argument("--top-k", type=_positive_int, default=3)
+    p.add_argument("--json", action="store_true", help="one JSON object per input, per line")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
@@ -62,3 +62,70 @@ def sample_grid(images, labels, classes, title: str, path) -> Path:
     captions = [f"{int(y)}: {classes[int(y)]}" if classes[int(y)] != str(int(y)) else str(int(y))
                 for y in labels]  # fmt: skip
     return image_grid(images, captions, title, path)
+
+
+def training_curves(history: list[dict], dataset: str, recipe: str, path) -> Path:
+    """Train/test loss and test accuracy against epochs and against training seconds."""
+    from mnist_cnn.data.catalog import NOTEBOOK_ACCURACY
+
+    epochs = [r["epoch"] for r in history]
+    seconds = [r["seconds"] for r in history]
+    acc = [r["test_accuracy"] for r in history]
+    trained = [r for r in history if r.get("train_loss") is not None]
+    fig, (ax_loss, ax_acc, ax_time) = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax_loss.plot([r["epoch"] for r in trained], [r["train_loss"] for r in trained],
+                 "o-", label="train loss (mean since last evaluation)")  # fmt: skip
+    ax_loss.plot(epochs, [r["test_loss"] for r in history], "s-", label="test loss")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss", yscale="log")
+    ax_loss.legend()
+    reference = NOTEBOOK_ACCURACY.get(Path(dataset).name)
+    # Leave out the untrained point so the interesting range is visible.
+    shown = [i for i, r in enumerate(history) if r["epoch"] > 0] or list(range(len(history)))
+    for ax, xs, label in ((ax_acc, epochs, "epoch"), (ax_time, seconds, "training seconds")):
+        ax.plot([xs[i] for i in shown], [acc[i] for i in shown], "o-", color="C2",
+                label="test accuracy")  # fmt: skip
+        if reference is not None:
+            ax.axhline(reference, color="gray", ls="--", label=f"notebook (Flux): {reference}")
+        ax.set(xlabel=label, ylabel="test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    ax_acc.set_title(f"Test accuracy by epoch (final {acc[-1]:.4f})")
+    ax_time.set_title("Test accuracy by training time")
+    fig.suptitle(f"{Path(dataset).name}, recipe '{recipe}'")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def confusion_matrix(confusion, classes, title: str, path) -> Path:
+    """Rows normalised to the true class (recall), each cell also showing its count."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    k = len(classes)
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    size = max(6.0, 0.75 * k + 2)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    shown = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j] == 0:
+                continue
+            color = "white" if norm[i, j] > 0.5 else "black"
+            text = f"{norm[i, j]:.2f}\n{cm[i, j]}" if k <= 12 else f"{cm[i, j]}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.colorbar(shown, ax=ax, label="fraction of the true class (row)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def mistakes_grid(images, labels, predictions, confidences, classes, title: str, path) -> Path:
+    """Misclassified images, each captioned true / predicted / probability."""
+    captions = [
+        f"true {classes[int(t)]}\npred {classes[int(p)]} ({float(c):.2f})"
+        for t, p, c in zip(labels, predictions, confidences, strict=True)
+    ]
+    return image_grid(images, captions, title, path, caption_colors=["firebrick"] * len(captions))

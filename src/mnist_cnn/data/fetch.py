@@ -157,8 +157,7 @@ def provision(spec: DatasetSpec, log=None) -> Path:
             return folder
     tried = "; ".join(failures) if failures else "no source is enabled"
     raise DatasetError(
-        f"{spec.name}: could not provision {', '.join(missing)} ({tried}). "
-        f"{_how_to_get(spec)}"
+        f"{spec.name}: could not provision {', '.join(missing)} ({tried}). {_how_to_get(spec)}"
     )
 
 

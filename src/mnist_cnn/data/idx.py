@@ -57,9 +57,7 @@ def parse_idx(data: bytes | bytearray, name: str = "<bytes>") -> np.ndarray:
         raise DatasetError(f"{name}: too short for an IDX header ({len(data)} bytes)")
     zero, type_code, rank = struct.unpack_from(">HBB", data, 0)
     if zero != 0 or type_code not in IDX_DTYPES:
-        raise DatasetError(
-            f"{name}: bad magic number 0x{bytes(data[:4]).hex()} (not an IDX file)"
-        )
+        raise DatasetError(f"{name}: bad magic number 0x{bytes(data[:4]).hex()} (not an IDX file)")
     if rank == 0 or rank > MAX_RANK:
         raise DatasetError(f"{name}: unsupported rank {rank} in the IDX header")
     header_len = 4 + 4 * rank

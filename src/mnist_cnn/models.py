@@ -1,0 +1,85 @@
+"""Model builders, registered by name so the CLI, tests and benchmarks can enumerate them.
+
+Every model takes a batch of 28x28 single-channel images `[N,1,28,28]` (floats in [0,1])
+and returns logits `[N,K]`; softmax turns them into probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mnist_cnn.errors import UserError
+
+ModelBuilder = Callable[..., nn.Module]
+MODELS: dict[str, ModelBuilder] = {}
+
+
+def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator: make a builder available as `build_model(name)`."""
+
+    def add(builder: ModelBuilder) -> ModelBuilder:
+        MODELS[name] = builder
+        return builder
+
+    return add
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A freshly initialised model (seed torch's RNG first for a reproducible init)."""
+    if name not in MODELS:
+        raise UserError(f"unknown model '{name}': use one of {', '.join(sorted(MODELS))}")
+    return MODELS[name](num_classes=num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def init_like_flux(model: nn.Module) -> nn.Module:
+    """Glorot-uniform weights and zero biases: Flux's defaults for Conv and Dense.
+
+    PyTorch's own default (Kaiming-uniform with a=sqrt(5)) would train the same network
+    slightly differently; the notebook's numbers come from Flux's initialisation.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
+def _conv_block(c_in: int, c_out: int, batch_norm: bool = False) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(c_out))
+    layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    return layers
+
+
+@register("seed")
+def seed_cnn(num_classes: int = 10) -> nn.Module:
+    """The notebook's network, layer for layer (16,938 parameters for 10 classes).
+
+    Conv 3x3 1->16 (pad 1) + ReLU, MaxPool 2 -> 14x14; Conv 3x3 16->32 + ReLU, MaxPool 2
+    -> 7x7; Conv 3x3 32->32 + ReLU, MaxPool 2 -> 3x3; flatten to 288; Dense 288->K.
+    The notebook ends in softmax; here the model returns logits and the loss applies
+    log-softmax itself, which is the same function computed stably. Initialised as Flux
+    does by default: Glorot-uniform weights, zero biases.
+    """
+    model = nn.Sequential(
+        *_conv_block(1, 16),
+        *_conv_block(16, 32),
+        *_conv_block(32, 32),
+        nn.Flatten(),
+        nn.Linear(288, num_classes),
+    )
+    return init_like_flux(model)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities from logits (the notebook's final softmax layer)."""
+    return torch.softmax(logits.float(), dim=-1)

@@ -1,0 +1,77 @@
+"""Recipes: named sets of hyperparameters plus a model. Flags and keywords override any value."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from mnist_cnn.errors import UserError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: str
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | warmup-linear
+    warmup: float = 0.0  # fraction of all steps spent warming up (warmup-linear)
+    label_smoothing: float = 0.0
+    eval_every: float = 60.0  # seconds of training between evaluations (and each epoch end)
+    precision: str = "auto"  # auto (bf16 where native) | bf16 (autocast) | fp32
+    channels_last: bool = True
+    eval_batch_size: int = 250
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def _add(recipe: Recipe) -> Recipe:
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+# The notebook: ADAM(1e-3), DataLoader(batchsize=128, shuffle=true), 10 epochs,
+# cb = throttle(evalcb, 60).
+SEED = _add(Recipe(name="seed", model="seed", epochs=10, batch_size=128, lr=1e-3))
+
+
+def _check(recipe: Recipe) -> Recipe:
+    problems = []
+    if recipe.epochs < 1:
+        problems.append(f"epochs must be at least 1 (got {recipe.epochs})")
+    if recipe.batch_size < 1:
+        problems.append(f"batch size must be at least 1 (got {recipe.batch_size})")
+    if not recipe.lr > 0:
+        problems.append(f"learning rate must be positive (got {recipe.lr})")
+    if recipe.eval_every < 0:
+        problems.append(f"eval-every must be 0 or more seconds (got {recipe.eval_every})")
+    if recipe.precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"precision must be auto, fp32 or bf16 (got {recipe.precision})")
+    if recipe.optimizer not in ("adam", "adamw", "sgd"):
+        problems.append(f"optimizer must be adam, adamw or sgd (got {recipe.optimizer})")
+    if recipe.schedule not in ("constant", "warmup-linear"):
+        problems.append(f"schedule must be constant or warmup-linear (got {recipe.schedule})")
+    if problems:
+        raise UserError("; ".join(problems))
+    return recipe
+
+
+def resolve_recipe(recipe: str | Recipe = "seed", **overrides) -> Recipe:
+    """The named recipe with every non-None override applied and checked."""
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise UserError(f"unknown recipe '{recipe}': use one of {', '.join(RECIPES)}")
+        recipe = RECIPES[recipe]
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise UserError(f"unknown recipe settings {sorted(unknown)}: use {sorted(fields)}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return _check(dataclasses.replace(recipe, **changes))
