@@ -1,0 +1,180 @@
+"""Models, recipes and fit(): the notebook's network, learning for real, deterministic runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mnist_cnn import build_model, evaluate, fit, load_dataset, load_model
+from mnist_cnn.data import Dataset, Split
+from mnist_cnn.errors import UserError
+from mnist_cnn.models import MODELS, count_parameters
+from mnist_cnn.recipes import RECIPES, resolve_recipe
+from mnist_cnn.train import epoch_permutation, lr_factor
+
+SUMMARY_KEYS = {
+    "dataset", "recipe", "model", "epochs", "batch_size", "lr", "seed", "device", "params",
+    "train_seconds", "test_accuracy", "test_loss", "torch_version",
+}  # fmt: skip
+METRIC_KEYS = {"epoch", "step", "seconds", "train_loss", "test_loss", "test_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def mnist() -> Dataset:
+    return load_dataset("mnist")
+
+
+def subset(ds: Dataset, n_train: int, n_test: int = 500) -> Dataset:
+    return Dataset(
+        name=ds.name,
+        train=Split(ds.train.images[:n_train], ds.train.labels[:n_train]),
+        test=Split(ds.test.images[:n_test], ds.test.labels[:n_test]),
+        classes=ds.classes,
+    )
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+def test_seed_model_is_the_notebooks_network():
+    model = build_model("seed")
+    assert count_parameters(model) == 16_938
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (1, 16, (3, 3), (1, 1)),
+        (16, 32, (3, 3), (1, 1)),
+        (32, 32, (3, 3), (1, 1)),
+    ]
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(pools) == 3
+    dense = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(d.in_features, d.out_features) for d in dense] == [(288, 10)]
+    logits = model(torch.rand(5, 1, 28, 28))
+    assert logits.shape == (5, 10)
+
+
+def test_seed_model_is_initialised_like_flux():
+    torch.manual_seed(0)
+    model = build_model("seed")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            w = module.weight
+            fan_in = w.shape[1] * w[0, 0].numel()
+            fan_out = w.shape[0] * w[0, 0].numel()
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            assert w.abs().max() <= bound
+            assert w.abs().max() > 0.9 * bound  # uniform over the whole Glorot range
+            assert torch.count_nonzero(module.bias) == 0
+
+
+def test_models_and_recipes_are_registered_by_name():
+    assert "seed" in MODELS and "seed" in RECIPES
+    with pytest.raises(UserError, match="unknown model"):
+        build_model("nope")
+    with pytest.raises(UserError, match="unknown recipe"):
+        resolve_recipe("nope")
+
+
+def test_seed_recipe_is_the_notebooks_and_flags_override_it():
+    seed = resolve_recipe("seed")
+    assert (seed.model, seed.optimizer, seed.lr, seed.batch_size, seed.epochs) == (
+        "seed", "adam", 1e-3, 128, 10,
+    )  # fmt: skip
+    assert seed.eval_every == 60 and seed.schedule == "constant"
+    changed = resolve_recipe("seed", epochs=2, lr=0.01, batch_size=None)
+    assert (changed.epochs, changed.lr, changed.batch_size) == (2, 0.01, 128)
+    for bad in ({"epochs": 0}, {"lr": -1.0}, {"batch_size": 0}, {"eval_every": -5}):
+        with pytest.raises(UserError):
+            resolve_recipe("seed", **bad)
+    with pytest.raises(UserError, match="unknown recipe settings"):
+        resolve_recipe("seed", learning_rate=1)
+
+
+def test_epoch_permutation_is_seeded_and_reshuffled_each_epoch():
+    a0, a1 = epoch_permutation(1000, 0, 0), epoch_permutation(1000, 0, 1)
+    assert torch.equal(a0, epoch_permutation(1000, 0, 0))
+    assert not torch.equal(a0, a1)
+    assert not torch.equal(a0, epoch_permutation(1000, 1, 0))
+    assert torch.equal(a0.sort().values, torch.arange(1000))
+
+
+def test_warmup_linear_schedule_rises_then_decays_to_zero():
+    recipe = resolve_recipe("seed", schedule="warmup-linear", warmup=0.1)
+    factors = [lr_factor(recipe, s, 100) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert factors[-1] == pytest.approx(1 / 90)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_epoch_of_the_seed_recipe_on_real_mnist_learns(mnist):
+    torch.manual_seed(0)
+    run = fit(build_model("seed"), mnist, "seed", epochs=1, seed=0, progress=False, log=None)
+    assert run.history[0]["test_accuracy"] < 0.3  # untrained: about chance
+    assert run.test_accuracy >= 0.97
+    assert evaluate(run.model, mnist.test).accuracy == pytest.approx(run.test_accuracy)
+
+
+def test_same_seed_gives_bit_identical_weights(mnist):
+    small = subset(mnist, 3000)
+
+    def train(seed: int) -> dict:
+        torch.manual_seed(seed)
+        model = build_model("seed")
+        fit(model, small, "seed", epochs=1, seed=seed, progress=False, log=None)
+        return model.state_dict()
+
+    first, second, other = train(0), train(0), train(1)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_run_directory_holds_every_file_and_key(mnist, tmp_path):
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    run = fit(build_model("seed"), subset(mnist, 2000), "seed", epochs=2, out=out,
+              progress=False, log=None)  # fmt: skip
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.jsonl", "summary.json", "model.safetensors",
+            "curves.png"} <= names  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["params"] == 16_938 and summary["epochs"] == 2
+    assert summary["test_accuracy"] == run.history[-1]["test_accuracy"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) >= 3  # the untrained model, then at least one per epoch
+    assert all(set(r) == METRIC_KEYS for r in rows)
+    assert [r["epoch"] for r in rows][-1] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"]["epochs"] == 2 and config["seed"] == 0
+    assert config["classes"] == list(mnist.classes)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    reloaded = load_model(out)
+    assert not reloaded.training
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.allclose(reloaded(x), run.model.float()(x), atol=1e-5)
+
+
+def test_evaluation_is_throttled_by_training_seconds(mnist):
+    small = subset(mnist, 2560, 200)
+    kwargs = {"epochs": 1, "progress": False, "log": None}
+    epochs_only = fit(build_model("seed"), small, "seed", eval_every=0, **kwargs)
+    assert [r["step"] for r in epochs_only.history] == [0, 20]
+    often = fit(build_model("seed"), small, "seed", eval_every=1e-9, **kwargs)
+    assert [r["step"] for r in often.history] == list(range(21))
+
+
+def test_existing_run_directory_is_not_overwritten(mnist, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match="--overwrite"):
+        fit(build_model("seed"), subset(mnist, 256), "seed", epochs=1, out=out, log=None)
+    assert (out / "keep.txt").read_text() == "precious"
