@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mnist_cnn.errors import UserError
+from mnist_cnn.train import TrainingInterrupted
 
 PROG = "mnist-cnn"
 
@@ -127,29 +128,43 @@ def cmd_train(args) -> int:
 
     from mnist_cnn.data import load_dataset
     from mnist_cnn.data.catalog import NOTEBOOK_ACCURACY
+    from mnist_cnn.distributed import current_world, destroy
     from mnist_cnn.models import build_model
     from mnist_cnn.recipes import resolve_recipe
     from mnist_cnn.rundir import default_run_dir
-    from mnist_cnn.train import fit
+    from mnist_cnn.train import fit, resume_run
 
-    recipe = resolve_recipe(
-        args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        eval_every=args.eval_every,
-    )  # fmt: skip
-    ds = load_dataset(args.dataset, log=lambda msg: print(msg, file=sys.stderr))
-    out = args.out or default_run_dir(ds.name, recipe.name)
-    torch.manual_seed(args.seed)
-    model = build_model(recipe.model, num_classes=ds.num_classes)
-    print(f"training '{recipe.model}' on {ds.name} with recipe '{recipe.name}' -> {out}")
-    result = fit(
-        model, ds, recipe, seed=args.seed, device=args.device, out=out, overwrite=args.overwrite
-    )
+    main = current_world().is_main
+    say = print if main else (lambda *a, **k: None)
+    try:
+        if args.resume:
+            if args.out or args.overwrite:
+                raise UserError("--resume continues RUN_DIR in place: drop --out/--overwrite")
+            result = resume_run(args.resume, device=args.device)
+            out = args.resume
+        else:
+            recipe = resolve_recipe(
+                args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                eval_every=args.eval_every,
+            )  # fmt: skip
+            ds = load_dataset(args.dataset, log=lambda msg: say(msg, file=sys.stderr))
+            out = args.out or default_run_dir(ds.name, recipe.name)
+            torch.manual_seed(args.seed)
+            model = build_model(recipe.model, num_classes=ds.num_classes)
+            say(f"training '{recipe.model}' on {ds.name} with recipe '{recipe.name}' -> {out}")
+            result = fit(
+                model, ds, recipe, seed=args.seed, device=args.device, out=out,
+                overwrite=args.overwrite, log=say,
+            )  # fmt: skip
+    finally:
+        destroy()
     summary = result.summary
-    line = f"final test accuracy {summary['test_accuracy']:.4f}"
-    reference = NOTEBOOK_ACCURACY.get(ds.name)
-    if reference is not None:
-        line += f" (notebook: {reference:.4f})"
-    print(f"{line}, {summary['train_seconds']:.1f} s of training; run directory {out}")
+    if main:
+        line = f"final test accuracy {summary['test_accuracy']:.4f}"
+        reference = NOTEBOOK_ACCURACY.get(summary["dataset"])
+        if reference is not None:
+            line += f" (notebook: {reference:.4f})"
+        print(f"{line}, {summary['train_seconds']:.1f} s of training; run directory {out}")
     return 0
 
 
@@ -248,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", type=Path, metavar="RUN_DIR", help="default runs/DATASET-RECIPE-TIME")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("evaluate", help="accuracy, per-class table, confusion + mistakes")
@@ -272,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -21,6 +21,9 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 WEIGHTS = "model.safetensors"
 CURVES = "curves.png"
+# Everything a run writes (train, then evaluate): what --overwrite clears.
+RUN_FILES = (CONFIG, METRICS, SUMMARY, WEIGHTS, CURVES, "checkpoint.pt", "report.json",
+             "confusion.png", "mistakes.png")  # fmt: skip
 
 
 def default_run_dir(dataset: str, recipe: str, root: str | Path = "runs") -> Path:
@@ -41,7 +44,7 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for name in (CONFIG, METRICS, SUMMARY, WEIGHTS, CURVES):
+            for name in RUN_FILES:
                 (path / name).unlink(missing_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
@@ -60,6 +63,10 @@ def append_jsonl(path: Path, obj) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj) + "\n")
         f.flush()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def read_json(path: Path) -> dict:

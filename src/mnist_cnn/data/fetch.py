@@ -14,6 +14,7 @@ Two environment variables serve offline and test set-ups:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -201,7 +202,8 @@ def _from_mirror(base_url: str, names: Iterable[str]) -> dict[str, bytes | bytea
         try:
             with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
                 body = response.read()
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            # HTTPException: a dropped connection mid-body (IncompleteRead), a bad status line.
             raise DatasetError(f"{url}: {getattr(exc, 'reason', exc)}") from None
         found[name] = decompress_if_gzip(body, url)
     return found

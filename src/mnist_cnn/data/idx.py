@@ -43,7 +43,8 @@ def decompress_if_gzip(data: bytes | bytearray, name: str) -> bytes | bytearray:
     if bytes(data[:2]) != GZIP_MAGIC:
         return data
     try:
-        return gzip.decompress(data)
+        # A bytearray, like an uncompressed read, so arrays parsed from it are writable.
+        return bytearray(gzip.decompress(data))
     except (OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"{name}: corrupt gzip data ({exc})") from None
 
