@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -105,7 +106,7 @@ def test_warmup_linear_schedule_rises_then_decays_to_zero():
     recipe = resolve_recipe("seed", schedule="warmup-linear", warmup=0.1)
     factors = [lr_factor(recipe, s, 100) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert factors[-1] == pytest.approx(1 / 90)
 
 

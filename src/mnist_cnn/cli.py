@@ -222,6 +222,19 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Forward to benchmarks/harness.py: it lives in the source checkout, not in the package."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "harness.py"
+    if not path.is_file():
+        raise UserError(f"{path} not found: `{PROG} bench` needs a source checkout of mnist-cnn")
+    spec = importlib.util.spec_from_file_location("mnist_cnn_bench_harness", path)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    return harness.main(args.harness_args, prog=f"{PROG} bench")
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -278,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per input, per line")
     p.set_defaults(func=cmd_predict)
+
+    # prefix_chars="+": every argument after `bench`, options included, goes to the harness.
+    p = commands.add_parser(
+        "bench", help="benchmark training against plain PyTorch", add_help=False, prefix_chars="+"
+    )
+    p.add_argument("harness_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

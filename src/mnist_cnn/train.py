@@ -139,6 +139,11 @@ def _package_version() -> str:
     return __version__
 
 
+# A cross-entropy this large means logit gaps of a million: the softmax is saturated and
+# the weights have blown up (with --lr 1e6 it reaches 1e30 in one step, yet stays finite).
+DIVERGED_LOSS = 1e6
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM stopped training; a checkpoint was written when there is a run dir."""
 
@@ -342,12 +347,13 @@ def fit(
                 if step % 50 == 0 and not bar.disable:
                     rate = bar.format_dict["rate"] or 0
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
-                diverged = step % check_every == 0 and not bool(torch.isfinite(loss_sum))
+                diverged = step % check_every == 0 and not loss.item() <= DIVERGED_LOSS
                 if any_rank(diverged, world, dev):
                     bar.close()
                     raise UserError(
-                        f"training diverged: the loss is not finite at step {step}; "
-                        "lower the learning rate (--lr); the last good checkpoint is kept"
+                        f"training diverged at step {step}: the loss is {loss.item():.3g} "
+                        f"(not finite or over {DIVERGED_LOSS:.0e}); lower the learning rate "
+                        "(--lr); the last good checkpoint is kept"
                     )
                 end_of_epoch = batch == steps_per_epoch - 1
                 due = recipe.eval_every > 0 and train_seconds - last_eval_at >= recipe.eval_every

@@ -111,7 +111,9 @@ def _load_folder(folder: Path) -> Dataset:
     labels = np.concatenate([arrays[TRAIN_LABELS].ravel(), arrays[TEST_LABELS].ravel()])
     if labels.size == 0:
         raise DatasetError(f"{folder}: the label files are empty")
-    num_classes = int(labels.max()) + 1 if labels.min() >= 0 else 0
+    if labels.min() < 0:
+        raise DatasetError(f"{folder}: labels must be 0 or more, found {labels.min()}")
+    num_classes = int(labels.max()) + 1
     classes = tuple(str(i) for i in range(num_classes))
     return _assemble(str(folder), arrays, classes, folder)
 

@@ -1,0 +1,107 @@
+"""Shared fixtures. Each section is independent; add new fixtures under their own heading."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_cnn.data.catalog import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
+from mnist_cnn.data.idx import write_idx
+
+# --- data: synthetic MNIST-format folders and an isolated cache ----------------------------
+
+
+def _tiny_arrays(n_train: int = 50, n_test: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
+    """The four arrays of a small MNIST-format data set: random uint8 28x28 images, labels 0..9."""
+    rng = np.random.default_rng(seed)
+    return {
+        TRAIN_IMAGES: rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
+        TRAIN_LABELS: (np.arange(n_train) % 10).astype(np.uint8),
+        TEST_IMAGES: rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
+        TEST_LABELS: ((np.arange(n_test) + 3) % 10).astype(np.uint8),
+    }
+
+
+@pytest.fixture
+def tiny_idx_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: `tiny_idx_folder(name="tiny", n_train=50, n_test=20, gz=False, seed=0)`.
+
+    Writes the four IDX files (named as in MNIST, with `.gz` when `gz`) into
+    `tmp_path / name` and returns that folder. Different seeds give different images.
+    """
+
+    def make(
+        name: str = "tiny", *, n_train: int = 50, n_test: int = 20, gz: bool = False, seed: int = 0
+    ) -> Path:
+        folder = tmp_path / name
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = ".gz" if gz else ""
+        for file_name, array in _tiny_arrays(n_train, n_test, seed).items():
+            write_idx(folder / f"{file_name}{suffix}", array)
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty data cache: MNIST_CNN_CACHE points at a fresh tmp folder (also for `run_cli`)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("MNIST_CNN_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """`http://127.0.0.1:PORT/` where nothing listens: connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+# --- command line ----------------------------------------------------------------------------
+
+CliResult = tuple[int, str, str]
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
+    """Run `python -m mnist_cnn ARGS` in a subprocess; return (returncode, stdout, stderr).
+
+    `env` entries are laid over the current environment (a value of None removes the
+    variable), so fixtures that monkeypatch os.environ, like `isolated_cache`, apply too.
+    The command runs in `cwd` (default: tmp_path), so default output files land there.
+    """
+
+    def run(
+        *args: str,
+        env: Mapping[str, str | None] | None = None,
+        cwd: Path | None = None,
+        timeout: float = 120,
+    ) -> CliResult:
+        full_env = dict(os.environ)
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        done = subprocess.run(
+            [sys.executable, "-m", "mnist_cnn", *map(str, args)],
+            env=full_env,
+            cwd=cwd or tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    return run
