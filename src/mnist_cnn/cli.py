@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
         else:
             recipe = resolve_recipe(
                 args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                eval_every=args.eval_every,
+                eval_every=args.eval_every, precision=args.precision,
             )  # fmt: skip
             ds = load_dataset(args.dataset, log=lambda msg: say(msg, file=sys.stderr))
             out = args.out or default_run_dir(ds.name, recipe.name)
@@ -273,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-every", type=_nonnegative_float, metavar="SECONDS",
         help="evaluate every SECONDS of training and after each epoch (0: after epochs only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"],
+        help="auto (the default): bf16 autocast where the hardware has it natively, else fp32",
     )  # fmt: skip
     p.add_argument("--out", type=Path, metavar="RUN_DIR", help="default runs/DATASET-RECIPE-TIME")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
