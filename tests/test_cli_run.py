@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from mnist_cnn import build_model, fit, load_dataset
-from mnist_cnn.data import Dataset, Split
+from mnist_cnn import load_dataset
+from mnist_cnn.data import Dataset
 
 
 @pytest.fixture(scope="module")
 def mnist() -> Dataset:
     return load_dataset("mnist")
-
-
-@pytest.fixture(scope="module")
-def trained_run(mnist, tmp_path_factory) -> Path:
-    """The seed model after one epoch on 20,000 MNIST images (about 0.96 test accuracy)."""
-    out = tmp_path_factory.mktemp("runs") / "mnist-seed"
-    small = Dataset(
-        name=mnist.name,
-        train=Split(mnist.train.images[:20000], mnist.train.labels[:20000]),
-        test=mnist.test,
-        classes=mnist.classes,
-    )
-    torch.manual_seed(0)
-    fit(build_model("seed"), small, "seed", epochs=1, out=out, progress=False, log=None)
-    return out
 
 
 def one_error_line(stderr: str) -> str:

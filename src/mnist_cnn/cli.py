@@ -219,6 +219,56 @@ def cmd_predict(args) -> int:
             others = ", ".join(f"{t['class_name']} {t['probability']:.4f}" for t in record["top_k"])
             print(f"{record['input']}: {record['class_name']}  (top {len(record['top_k'])}: "
                   f"{others})")  # fmt: skip
+    sys.stdout.flush()
+    _write_prediction_figures(args, model, images, names, classes)
+    return 0
+
+
+def _numbered(path: Path, i: int, n: int) -> Path:
+    """FILE.png for one input; FILE-1.png, FILE-2.png, ... for several."""
+    return path if n == 1 else path.with_name(f"{path.stem}-{i + 1}{path.suffix}")
+
+
+def _write_prediction_figures(args, model, images, names, classes) -> None:
+    if not (args.plot or args.show_input):
+        return
+    import torch
+    from PIL import Image
+
+    from mnist_cnn.figures import prediction_plot
+    from mnist_cnn.metrics import predict_logits
+
+    probs = torch.softmax(predict_logits(model, images), dim=1)
+    for i, name in enumerate(names):
+        if args.plot:
+            path = prediction_plot(images[i], probs[i], classes, name,
+                                   _numbered(args.plot, i, len(names)))  # fmt: skip
+            print(f"wrote {path}", file=sys.stderr)
+        if args.show_input:
+            path = _numbered(args.show_input, i, len(names))
+            try:
+                Image.fromarray(images[i].numpy()).save(path)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot write {path} ({exc})") from None
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_explain(args) -> int:
+    from mnist_cnn.explain import explain_run
+
+    for path in explain_run(args.run_dir, args.index, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mnist_cnn.export import PARITY_TOLERANCE, export_onnx
+
+    path, parity = export_onnx(args.run_dir, args.out)
+    print(f"wrote {path}")
+    print(f"parity with PyTorch on {parity.images} test images: {parity.classes_agree} classes "
+          f"agree, max probability difference {parity.max_probability_difference:.1e} "
+          f"(limit {PARITY_TOLERANCE:.0e})")  # fmt: skip
     return 0
 
 
@@ -294,7 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, metavar="N", help="test image N of the run's data set")
     p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per input, per line")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="the input as the model saw it beside its class probabilities")  # fmt: skip
+    p.add_argument("--show-input", type=Path, metavar="FILE.png",
+                   help="write the 28x28 image the model saw")  # fmt: skip
     p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("explain", help="filters.png and feature_maps.png for a test image")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--index", type=int, required=True, metavar="N", help="test image N")
+    p.add_argument("--out", type=Path, metavar="DIR", help="folder for the PNGs (default RUN_DIR)")
+    p.set_defaults(func=cmd_explain)
+
+    p = commands.add_parser("export", help="ONNX model with its preprocessing contract")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", type=Path, metavar="FILE", help="default RUN_DIR/model.onnx")
+    p.set_defaults(func=cmd_export)
 
     # prefix_chars="+": every argument after `bench`, options included, goes to the harness.
     p = commands.add_parser(

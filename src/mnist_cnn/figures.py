@@ -130,3 +130,74 @@ def mistakes_grid(images, labels, predictions, confidences, classes, title: str,
         for t, p, c in zip(labels, predictions, confidences, strict=True)
     ]
     return image_grid(images, captions, title, path, caption_colors=["firebrick"] * len(captions))
+
+
+def conv_filters(weight: torch.Tensor, title: str, path) -> Path:
+    """The first convolution's filters [C,1,k,k], each on its own symmetric colour scale."""
+    w = weight.detach().float().cpu()[:, 0]
+    n = len(w)
+    cols = min(8, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.6 * rows + 0.9), squeeze=False)
+    limit = float(w.abs().max()) or 1.0
+    shown = None
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i < n:
+            shown = ax.imshow(w[i].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ax.set_title(f"filter {i}", fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    if shown is not None:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8, label="weight (red +, blue -)")
+    return save_figure(fig, path)
+
+
+def feature_maps(image, stages: list[tuple[str, torch.Tensor]], title: str, path) -> Path:
+    """The input image, then each stage's channels (rows), as the network computes them."""
+    max_channels = max(len(maps) for _, maps in stages)
+    cols = min(16, max_channels)
+    rows = 1 + sum(math.ceil(min(len(maps), 32) / cols) for _, maps in stages)
+    fig = plt.figure(figsize=(0.95 * cols + 1.5, 1.05 * rows + 0.8))
+    grid = fig.add_gridspec(rows, cols + 1)
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
+    ax.set_title("input 28x28", fontsize=8)
+    ax.set_axis_off()
+    row = 1
+    for name, maps in stages:
+        maps = maps[:32]
+        for i in range(len(maps)):
+            r, c = row + i // cols, 1 + i % cols
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(maps[i].numpy(), cmap="magma", interpolation="nearest")
+            ax.set_axis_off()
+        label = fig.add_subplot(grid[row, 0])
+        label.set_axis_off()
+        h, w = maps.shape[-2:]
+        label.text(0.95, 0.5, f"{name}\n{len(maps)} x {h}x{w}", ha="right", va="center",
+                   fontsize=8)  # fmt: skip
+        row += math.ceil(len(maps) / cols)
+    fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path)
+
+
+def prediction_plot(image, probabilities, classes, title: str, path) -> Path:
+    """The 28x28 image as the model saw it, beside a bar chart of class probabilities."""
+    probs = np.asarray(probabilities, dtype=float)
+    best = int(probs.argmax())
+    fig, (ax_img, ax_bar) = plt.subplots(
+        1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 1.8]}
+    )
+    ax_img.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
+    ax_img.set_title("what the model saw (28x28)", fontsize=9)
+    ax_img.set_axis_off()
+    colors = ["C1" if i == best else "C0" for i in range(len(probs))]
+    ax_bar.barh(range(len(probs)), probs, color=colors)
+    ax_bar.set_yticks(range(len(probs)), classes)
+    ax_bar.invert_yaxis()
+    ax_bar.set_xlim(0, 1)
+    ax_bar.set_xlabel("probability")
+    ax_bar.set_title(f"prediction: {classes[best]} ({probs[best]:.3f})", fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path)

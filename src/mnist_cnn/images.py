@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from mnist_cnn.errors import UserError
 
@@ -24,7 +24,9 @@ DIGIT_BOX = 20
 # Images over this many pixels are refused before decoding (a 40-megapixel photo is
 # far beyond what a 28x28 input needs, and decompression bombs are this shape).
 MAX_PIXELS = 40_000_000
-INK_FLOOR = 0.15  # after contrast normalisation, fainter pixels are background noise
+INK_FLOOR = 0.2  # after contrast normalisation, fainter pixels are background, not ink
+MIN_CONTRAST = 32  # gray levels between background and ink; less is a blank picture
+WORKING_SIZE = 280  # larger pictures are shrunk to this before looking for the ink
 
 
 def read_grayscale(source) -> np.ndarray:
@@ -64,13 +66,27 @@ def _border(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
 
 
+def _denoised(a: np.ndarray) -> np.ndarray:
+    """Shrink large pictures (anti-aliased) and take a 3x3 median: speckle is not ink."""
+    image = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    longest = max(image.size)
+    if longest > WORKING_SIZE:
+        scale = WORKING_SIZE / longest
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    if min(image.size) >= 3:
+        image = image.filter(ImageFilter.MedianFilter(3))
+    return np.asarray(image, dtype=np.float32)
+
+
 def _normalise(a: np.ndarray, name: str) -> np.ndarray:
-    """Light ink on a dark background, background 0, strongest ink 1."""
+    """Light ink on a dark background, background 0, strongest ink 1, faint noise 0."""
     if np.median(_border(a)) > 127:
         a = 255.0 - a
+    a = _denoised(a)
     background = float(np.median(_border(a)))
-    ink = float(np.percentile(a, 99.5))
-    if ink - background < 16:
+    ink = float(a.max())
+    if ink - background < MIN_CONTRAST:
         raise UserError(f"{name}: no ink found (the image is blank or has no contrast)")
     a = np.clip((a - background) / (ink - background), 0.0, 1.0)
     a[a < INK_FLOOR] = 0.0

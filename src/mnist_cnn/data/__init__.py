@@ -111,8 +111,12 @@ def _load_folder(folder: Path) -> Dataset:
     labels = np.concatenate([arrays[TRAIN_LABELS].ravel(), arrays[TEST_LABELS].ravel()])
     if labels.size == 0:
         raise DatasetError(f"{folder}: the label files are empty")
-    if labels.min() < 0:
-        raise DatasetError(f"{folder}: labels must be 0 or more, found {labels.min()}")
+    for name in (TRAIN_LABELS, TEST_LABELS):
+        if arrays[name].size and arrays[name].min() < 0:
+            raise DatasetError(
+                f"{files[name]}: labels must lie in 0..K-1, "
+                f"found {arrays[name].min()}..{arrays[name].max()}"
+            )
     num_classes = int(labels.max()) + 1
     classes = tuple(str(i) for i in range(num_classes))
     return _assemble(str(folder), arrays, classes, folder)

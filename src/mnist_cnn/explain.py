@@ -1,0 +1,74 @@
+"""What a trained network learned: its first filters and its feature maps for one image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mnist_cnn import rundir
+from mnist_cnn.data import load_dataset
+from mnist_cnn.errors import UserError
+from mnist_cnn.figures import conv_filters, feature_maps
+from mnist_cnn.metrics import to_input
+
+FILTERS = "filters.png"
+FEATURE_MAPS = "feature_maps.png"
+
+
+@torch.inference_mode()
+def stage_outputs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Each convolution stage's output (after its ReLU) for one uint8 image [28,28]."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise UserError("the model has no convolution to show")
+    captured: list[tuple[str, torch.Tensor]] = []
+    hooks = []
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    for i, relu in enumerate(relus[: len(convs)]):
+        name = f"conv {i + 1} + ReLU"
+        hooks.append(relu.register_forward_hook(
+            lambda _m, _inp, out, name=name: captured.append((name, out[0].detach().clone()))
+        ))  # fmt: skip
+    try:
+        model(to_input(image.unsqueeze(0)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def explain_run(run_dir: str | Path, index: int, out: str | Path | None = None) -> list[Path]:
+    """Write filters.png and feature_maps.png for test image `index` of the run's data."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir
+    model = rundir.load_model(run_dir)
+    config = rundir.read_json(run_dir / rundir.CONFIG)
+    test = load_dataset(config["dataset"]).test
+    if not 0 <= index < len(test):
+        raise UserError(
+            f"--index {index} is out of range: the test set has {len(test)} images "
+            f"(0..{len(test) - 1})"
+        )
+    classes = config["classes"]
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    name = Path(str(config["dataset"])).name
+    filters = conv_filters(
+        first.weight,
+        f"{name}: the {first.out_channels} learned 3x3 filters of the first convolution",
+        out / FILTERS,
+    )
+    image = test.images[index]
+    label = classes[int(test.labels[index])]
+    with torch.inference_mode():
+        probs = torch.softmax(model(to_input(image.unsqueeze(0))), dim=1)[0]
+    predicted = classes[int(probs.argmax())]
+    maps = feature_maps(
+        image,
+        stage_outputs(model, image),
+        f"{name} test[{index}] (true {label}, predicted {predicted}): "
+        "what each convolution stage computes",
+        out / FEATURE_MAPS,
+    )
+    return [filters, maps]
