@@ -87,7 +87,13 @@ def test_seed_recipe_is_the_notebooks_and_flags_override_it():
     assert seed.eval_every == 60 and seed.schedule == "constant"
     changed = resolve_recipe("seed", epochs=2, lr=0.01, batch_size=None)
     assert (changed.epochs, changed.lr, changed.batch_size) == (2, 0.01, 128)
-    for bad in ({"epochs": 0}, {"lr": -1.0}, {"batch_size": 0}, {"eval_every": -5}):
+    for bad in (
+        {"epochs": 0},
+        {"epochs": -1.5},
+        {"lr": -1.0},
+        {"batch_size": 0},
+        {"eval_every": -5},
+    ):
         with pytest.raises(UserError):
             resolve_recipe("seed", **bad)
     with pytest.raises(UserError, match="unknown recipe settings"):
@@ -179,3 +185,11 @@ def test_existing_run_directory_is_not_overwritten(mnist, tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         fit(build_model("seed"), subset(mnist, 256), "seed", epochs=1, out=out, log=None)
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_fractional_epochs_stop_mid_epoch(mnist):
+    small = subset(mnist, 1280, 200)  # 10 steps per epoch
+    run = fit(build_model("seed"), small, "seed", epochs=1.5, eval_every=0, progress=False,
+              log=None)  # fmt: skip
+    assert [r["step"] for r in run.history] == [0, 10, 15]
+    assert run.history[-1]["epoch"] == 1.5

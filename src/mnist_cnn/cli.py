@@ -113,6 +113,13 @@ def cmd_data_show(args) -> int:
 # --- train, evaluate, predict --------------------------------------------------------------
 
 
+def _positive_float(text: str) -> float:
+    value = _nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     try:
         value = float(text)
@@ -315,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a model with a recipe; write a run directory")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder")
     p.add_argument("--recipe", default="seed", help="seed (the notebook), ...")
-    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--epochs", type=_positive_float, help="passes over the data (may be 1.5)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)

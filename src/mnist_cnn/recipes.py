@@ -12,7 +12,7 @@ from mnist_cnn.errors import UserError
 class Recipe:
     name: str
     model: str
-    epochs: int
+    epochs: float  # passes over the training set; may be fractional
     batch_size: int
     lr: float
     optimizer: str = "adam"
@@ -44,8 +44,8 @@ SEED = _add(Recipe(name="seed", model="seed", epochs=10, batch_size=128, lr=1e-3
 
 def _check(recipe: Recipe) -> Recipe:
     problems = []
-    if recipe.epochs < 1:
-        problems.append(f"epochs must be at least 1 (got {recipe.epochs})")
+    if not recipe.epochs > 0:
+        problems.append(f"epochs must be more than 0 (got {recipe.epochs})")
     if recipe.batch_size < 1:
         problems.append(f"batch size must be at least 1 (got {recipe.batch_size})")
     if not recipe.lr > 0:

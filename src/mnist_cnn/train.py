@@ -241,7 +241,7 @@ def fit(
     train_labels = ds.train.labels.to(dev)
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
-    total_steps = steps_per_epoch * recipe.epochs
+    total_steps = _total_steps(recipe, n)
 
     config = {
         "dataset": ds.name,
@@ -314,18 +314,19 @@ def fit(
     check_every = 1 if dev.type == "cpu" else 25
     net.train()
     with _StopOnSignal() as stop:
-        for epoch in range(step // steps_per_epoch, recipe.epochs):
+        for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
             order = epoch_permutation(n, seed, epoch).to(dev)
             bar = tqdm(
                 total=n,
                 initial=min(n, (step - epoch * steps_per_epoch) * recipe.batch_size),
-                desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                desc=f"epoch {epoch + 1}/{recipe.epochs:g}",
                 unit="img",
                 disable=True if not main else ((not progress) if progress is not None else None),
                 leave=False,
                 file=sys.stderr,
             )
-            for batch in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            last_batch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch) - 1
+            for batch in range(step - epoch * steps_per_epoch, last_batch + 1):
                 tick = time.perf_counter()
                 start = batch * recipe.batch_size
                 idx = shard(order[start : start + recipe.batch_size], world)
@@ -355,7 +356,7 @@ def fit(
                         f"(not finite or over {DIVERGED_LOSS:.0e}); lower the learning rate "
                         "(--lr); the last good checkpoint is kept"
                     )
-                end_of_epoch = batch == steps_per_epoch - 1
+                end_of_epoch = batch == last_batch  # or the end of training, mid-epoch
                 due = recipe.eval_every > 0 and train_seconds - last_eval_at >= recipe.eval_every
                 if main and (end_of_epoch or due):
                     train_loss = (loss_sum / max(1, loss_count)).item()
@@ -422,14 +423,15 @@ def resume_run(run_dir: str | Path, device: str = "auto", **kwargs) -> TrainResu
         raise UserError(
             f"{run_dir / CHECKPOINT} does not fit model '{recipe.model}' ({exc})"
         ) from None
-    if (run_dir / rundir.SUMMARY).exists() and state["step"] >= _total_steps(recipe, ds):
+    if (run_dir / rundir.SUMMARY).exists() and state["step"] >= _total_steps(recipe, len(ds.train)):
         raise UserError(f"{run_dir} has already finished: nothing to resume")
     return fit(model, ds, recipe, seed=config["seed"], device=device, out=run_dir,
                resume=state, **kwargs)  # fmt: skip
 
 
-def _total_steps(recipe: Recipe, ds: Dataset) -> int:
-    return math.ceil(len(ds.train) / recipe.batch_size) * recipe.epochs
+def _total_steps(recipe: Recipe, n: int) -> int:
+    """Steps of the whole run; `epochs` may be fractional (1.5: one and a half passes)."""
+    return math.ceil(recipe.epochs * math.ceil(n / recipe.batch_size))
 
 
 def _local_processes(world: World) -> int:
