@@ -83,3 +83,24 @@ def seed_cnn(num_classes: int = 10) -> nn.Module:
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities from logits (the notebook's final softmax layer)."""
     return torch.softmax(logits.float(), dim=-1)
+
+
+def _three_block_cnn(widths: tuple[int, int, int], num_classes: int, batch_norm: bool):
+    c1, c2, c3 = widths
+    return nn.Sequential(
+        *_conv_block(1, c1, batch_norm),
+        *_conv_block(c1, c2, batch_norm),
+        *_conv_block(c2, c3, batch_norm),
+        nn.Flatten(),
+        nn.Linear(c3 * 9, num_classes),
+    )
+
+
+@register("seed-bn")
+def seed_bn_cnn(num_classes: int = 10) -> nn.Module:
+    """The seed network with BatchNorm after each convolution (which then needs no bias).
+
+    BatchNorm lets a much larger learning rate train stably, so far fewer passes over the
+    data reach the seed network's accuracy.
+    """
+    return init_like_flux(_three_block_cnn((16, 32, 32), num_classes, batch_norm=True))

@@ -1,0 +1,61 @@
+"""Our side of the benchmark: a recipe trained with `mnist_cnn.fit`, measured as reference.py is.
+
+Evaluation happens only at epoch ends (`eval_every=0`), so the history rows after the
+untrained one are the epoch ends, and their cumulative training `seconds` (evaluation
+excluded by fit itself) give the seconds of each epoch.
+
+    python benchmarks/ours.py --dataset mnist --epochs 2 --seed 0 [--target 0.98] [--json]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+from measure import common_parser, load_limited, median_seconds, report, result_record
+
+from mnist_cnn import UserError, build_model, evaluate, fit, resolve_recipe
+from mnist_cnn.train import resolve_precision, select_device
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common_parser(__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="seed", help="the recipe to train (default seed)")
+    args = parser.parse_args(argv)
+    try:
+        ds = load_limited(args.dataset, args.train_limit, args.test_limit)
+        recipe = resolve_recipe(args.recipe)
+    except UserError as exc:
+        print(f"ours.py: error: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    model = build_model(recipe.model, num_classes=ds.num_classes)
+    result = fit(
+        model, ds, recipe, epochs=args.epochs, eval_every=0, seed=args.seed, progress=False,
+        log=None,
+    )  # fmt: skip
+
+    epoch_ends = [row for row in result.history if row["step"] > 0]
+    cumulative = [row["seconds"] for row in epoch_ends]
+    epoch_seconds = [b - a for a, b in itertools.pairwise([0.0, *cumulative])]
+    epoch_accuracies = [row["test_accuracy"] for row in epoch_ends]
+
+    eval_seconds = median_seconds(lambda: evaluate(result.model, ds.test), args.eval_repeats)
+    record = result_record(
+        epoch_seconds,
+        epoch_accuracies,
+        eval_seconds,
+        test_accuracy=evaluate(result.model, ds.test).accuracy,
+        test_images=len(ds.test),
+        target=args.target,
+        side="ours",
+        recipe=recipe.name,
+        precision=resolve_precision(result.recipe, select_device("auto")),
+    )
+    report(record, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
