@@ -19,18 +19,24 @@ FEATURE_MAPS = "feature_maps.png"
 
 @torch.inference_mode()
 def stage_outputs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """Each convolution stage's output (after its ReLU) for one uint8 image [28,28]."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise UserError("the model has no convolution to show")
+    """Each convolution stage's response, ReLU(conv) before pooling, for one uint8 image.
+
+    The hook sits on the module feeding each max pooling (the convolution, or its
+    BatchNorm), so the maps keep the stage's full resolution.
+    """
+    modules = list(model.modules())
+    feeders = [modules[i - 1] for i, m in enumerate(modules) if isinstance(m, nn.MaxPool2d)]
+    if not feeders:
+        raise UserError("the model has no convolution stage to show")
     captured: list[tuple[str, torch.Tensor]] = []
-    hooks = []
-    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    for i, relu in enumerate(relus[: len(convs)]):
-        name = f"conv {i + 1} + ReLU"
-        hooks.append(relu.register_forward_hook(
-            lambda _m, _inp, out, name=name: captured.append((name, out[0].detach().clone()))
-        ))  # fmt: skip
+    hooks = [
+        module.register_forward_hook(
+            lambda _m, _inp, out, name=f"conv {i + 1} + ReLU": captured.append(
+                (name, torch.relu(out[0]).detach().clone())
+            )
+        )
+        for i, module in enumerate(feeders)
+    ]
     try:
         model(to_input(image.unsqueeze(0)))
     finally:
