@@ -111,3 +111,9 @@ def seed_bn_cnn(num_classes: int = 10) -> nn.Module:
     data reach the seed network's accuracy.
     """
     return init_like_flux(_three_block_cnn((16, 32, 32), num_classes, batch_norm=True))
+
+
+@register("wide-bn")
+def wide_bn_cnn(num_classes: int = 10) -> nn.Module:
+    """Twice as many channels (32-64-64) with BatchNorm: more capacity, for accuracy."""
+    return init_like_flux(_three_block_cnn((32, 64, 64), num_classes, batch_norm=True))

@@ -20,6 +20,8 @@ class Recipe:
     schedule: str = "constant"  # constant | warmup-linear
     warmup: float = 0.0  # fraction of all steps spent warming up (warmup-linear)
     label_smoothing: float = 0.0
+    augment_shift: int = 0  # move each training image by up to this many pixels
+    augment_flip: bool = False  # mirror half the training images (clothes, not digits)
     eval_every: float = 60.0  # seconds of training between evaluations (and each epoch end)
     precision: str = "auto"  # auto (bf16 where native) | bf16 (autocast) | fp32
     channels_last: bool = True
@@ -42,6 +44,22 @@ def _add(recipe: Recipe) -> Recipe:
 SEED = _add(Recipe(name="seed", model="seed", epochs=10, batch_size=128, lr=1e-3))
 
 
+# Goes for accuracy within about ten minutes of training on two CPU cores: a wider network
+# with BatchNorm, images shifted by up to 2 pixels, label smoothing, a warmup then a
+# linear decay of the learning rate to zero.
+BEST = _add(
+    Recipe(
+        name="best", model="wide-bn", epochs=15, batch_size=128, lr=3e-3,
+        optimizer="adamw", weight_decay=5e-4, schedule="warmup-linear", warmup=0.1,
+        label_smoothing=0.1, augment_shift=2,
+    )
+)  # fmt: skip
+
+# Settings that suit one data set only: a mirrored coat is still a coat, a mirrored 2 is
+# not a 2.
+FOR_DATASET: dict[tuple[str, str], dict] = {("best", "fashion-mnist"): {"augment_flip": True}}
+
+
 def _check(recipe: Recipe) -> Recipe:
     problems = []
     if not recipe.epochs > 0:
@@ -58,17 +76,24 @@ def _check(recipe: Recipe) -> Recipe:
         problems.append(f"optimizer must be adam, adamw or sgd (got {recipe.optimizer})")
     if recipe.schedule not in ("constant", "warmup-linear"):
         problems.append(f"schedule must be constant or warmup-linear (got {recipe.schedule})")
+    if recipe.augment_shift < 0 or recipe.augment_shift > 8:
+        problems.append(f"augment_shift must lie in 0..8 pixels (got {recipe.augment_shift})")
     if problems:
         raise UserError("; ".join(problems))
     return recipe
 
 
-def resolve_recipe(recipe: str | Recipe = "seed", **overrides) -> Recipe:
-    """The named recipe with every non-None override applied and checked."""
+def resolve_recipe(
+    recipe: str | Recipe = "seed", dataset: str | None = None, **overrides
+) -> Recipe:
+    """The named recipe, adapted to `dataset`, with every non-None override applied."""
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise UserError(f"unknown recipe '{recipe}': use one of {', '.join(RECIPES)}")
-        recipe = RECIPES[recipe]
+        name = recipe
+        recipe = RECIPES[name]
+        if dataset is not None:
+            recipe = dataclasses.replace(recipe, **FOR_DATASET.get((name, dataset), {}))
     fields = {f.name for f in dataclasses.fields(Recipe)}
     unknown = set(overrides) - fields
     if unknown:

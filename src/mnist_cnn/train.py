@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mnist_cnn import rundir
+from mnist_cnn.augment import random_flip, random_shift, step_generator
 from mnist_cnn.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from mnist_cnn.data import Dataset
 from mnist_cnn.distributed import World, any_rank, current_world, init_process_group, shard
@@ -209,7 +210,7 @@ def fit(
     Keyword overrides (epochs=, batch_size=, lr=, eval_every=, ...) change the recipe.
     Under `torchrun`, trains data-parallel; only rank 0 evaluates, prints and writes.
     """
-    recipe = resolve_recipe(recipe, **overrides)
+    recipe = resolve_recipe(recipe, dataset=ds.name, **overrides)
     dev = select_device(device)
     world = current_world()
     if world.distributed and dev.type == "cuda":
@@ -330,7 +331,13 @@ def fit(
                 tick = time.perf_counter()
                 start = batch * recipe.batch_size
                 idx = shard(order[start : start + recipe.batch_size], world)
-                x = to_input(train_images[idx], recipe.channels_last)
+                batch_images = train_images[idx]
+                if recipe.augment_shift or recipe.augment_flip:
+                    generator = step_generator(seed, step, dev)
+                    batch_images = random_shift(batch_images, recipe.augment_shift, generator)
+                    if recipe.augment_flip:
+                        batch_images = random_flip(batch_images, generator)
+                x = to_input(batch_images, recipe.channels_last)
                 y = train_labels[idx]
                 for group in optimizer.param_groups:
                     group["lr"] = recipe.lr * lr_factor(recipe, step, total_steps)
