@@ -193,3 +193,37 @@ def test_fractional_epochs_stop_mid_epoch(mnist):
               log=None)  # fmt: skip
     assert [r["step"] for r in run.history] == [0, 10, 15]
     assert run.history[-1]["epoch"] == 1.5
+
+
+# --- recipes beyond the notebook, augmentation ----------------------------------------------
+
+
+def test_random_shift_moves_digits_without_losing_ink(mnist):
+    from mnist_cnn.augment import random_flip, random_shift, step_generator
+
+    images = mnist.train.images[:300]
+    frame = torch.ones(28, 28, dtype=torch.bool)
+    frame[2:-2, 2:-2] = False
+    images = images[(images * frame).flatten(1).amax(1) == 0][:256]  # empty 2-pixel border
+    cpu = torch.device("cpu")
+    shifted = random_shift(images, 2, step_generator(0, 5, cpu))
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    # With an empty 2-pixel border, a shift of up to 2 pixels keeps every pixel of ink.
+    assert torch.equal(
+        shifted.sum((1, 2), dtype=torch.int64), images.sum((1, 2), dtype=torch.int64)
+    )
+    assert (shifted != images).any((1, 2)).float().mean() > 0.8  # most images moved
+    again = random_shift(images, 2, step_generator(0, 5, cpu))
+    assert torch.equal(shifted, again)  # a function of (seed, step): resumable
+    assert not torch.equal(shifted, random_shift(images, 2, step_generator(0, 6, cpu)))
+    flipped = random_flip(images, step_generator(0, 5, cpu))
+    mirrored = (flipped != images).any((1, 2))
+    assert 0.3 < mirrored.float().mean() < 0.7
+    assert torch.equal(flipped[mirrored], images[mirrored].flip(-1))
+
+
+def test_best_recipe_flips_clothes_but_not_digits():
+    assert not resolve_recipe("best", dataset="mnist").augment_flip
+    assert resolve_recipe("best", dataset="fashion-mnist").augment_flip
+    assert resolve_recipe("best", dataset="fashion-mnist", augment_flip=False).augment_flip is False
+    assert resolve_recipe("best").augment_shift == 2
