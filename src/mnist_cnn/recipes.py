@@ -44,6 +44,16 @@ def _add(recipe: Recipe) -> Recipe:
 SEED = _add(Recipe(name="seed", model="seed", epochs=10, batch_size=128, lr=1e-3))
 
 
+# The notebook's accuracy in the least training time: the seed network with BatchNorm,
+# whose far larger learning rate (20x, warmed up over the first 15% of steps, then decayed
+# linearly to zero) learns in two passes what the seed recipe learns in ten.
+FAST = _add(
+    Recipe(
+        name="fast", model="seed-bn", epochs=2, batch_size=128, lr=2e-2,
+        schedule="warmup-linear", warmup=0.15, eval_every=0,
+    )
+)  # fmt: skip
+
 # Goes for accuracy within about ten minutes of training on two CPU cores: a wider network
 # with BatchNorm, images shifted by up to 2 pixels, label smoothing, a warmup then a
 # linear decay of the learning rate to zero.
