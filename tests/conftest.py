@@ -122,3 +122,32 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fit(build_model("seed"), load_dataset("mnist"), "seed", epochs=1, out=out,
         progress=False, log=None)  # fmt: skip
     return out
+
+
+# --- web app: the trained run served on 127.0.0.1 -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def live_server(trained_run: Path):
+    """`trained_run` served by uvicorn in a background thread; yields the base URL."""
+    import threading
+    import time
+
+    uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra")
+    from mnist_cnn.serve import create_app
+    from mnist_cnn.serve.server import bind_socket, url_of
+
+    sock = bind_socket("127.0.0.1", 0)
+    config = uvicorn.Config(create_app(trained_run), log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the web app did not start")
+        time.sleep(0.02)
+    yield url_of(sock)
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()

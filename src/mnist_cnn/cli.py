@@ -151,8 +151,9 @@ def cmd_train(args) -> int:
             out = args.resume
         else:
             recipe = resolve_recipe(
-                args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                eval_every=args.eval_every, precision=args.precision,
+                args.recipe, dataset=args.dataset, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                precision=args.precision,
             )  # fmt: skip
             ds = load_dataset(args.dataset, log=lambda msg: say(msg, file=sys.stderr))
             out = args.out or default_run_dir(ds.name, recipe.name)
@@ -279,6 +280,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    web_stack = ("fastapi", "starlette", "uvicorn", "python_multipart")
+    try:
+        from mnist_cnn.serve import serve
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in web_stack:
+            raise
+        raise UserError(f"serve needs FastAPI and uvicorn ({exc.name} is not installed): "
+                        "pip install 'mnist-cnn[serve]'") from None  # fmt: skip
+    serve(args.run_dir, args.host, args.port)
+    return 0
+
+
 def cmd_bench(args) -> int:
     """Forward to benchmarks/harness.py: it lives in the source checkout, not in the package."""
     import importlib.util
@@ -321,7 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="train a model with a recipe; write a run directory")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder")
-    p.add_argument("--recipe", default="seed", help="seed (the notebook), ...")
+    p.add_argument(
+        "--recipe", default="seed",
+        help="seed (the notebook), fast (its accuracy in the least time), best (accuracy)",
+    )  # fmt: skip
     p.add_argument("--epochs", type=_positive_float, help="passes over the data (may be 1.5)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
@@ -368,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", type=Path, metavar="FILE", help="default RUN_DIR/model.onnx")
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("serve", help="web page and JSON API: draw a digit, see the answer")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    p.set_defaults(func=cmd_serve)
 
     # prefix_chars="+": every argument after `bench`, options included, goes to the harness.
     p = commands.add_parser(

@@ -1,0 +1,103 @@
+"""One run's model behind a lock: image bytes in, the record `predict --json` prints out.
+
+Nothing here knows about HTTP beyond the status code each kind of bad image deserves, so
+the answers are those of the command line by construction: the same decoding
+(`read_grayscale`), the same MNIST-style preparation for the run's data set
+(`prepare_array` with `style_for`), the same records (`predict_records`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mnist_cnn.errors import UserError
+from mnist_cnn.images import prepare_array, read_grayscale, style_for
+from mnist_cnn.predict import predict_records
+from mnist_cnn.rundir import CONFIG, METRICS, SUMMARY, load_model, read_json, read_metrics
+
+
+class ImageRejected(UserError):
+    """An image the model cannot answer for; `status` is the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class Predictor:
+    """A trained run, loaded once, answering from any number of threads.
+
+    Decoding and preparing an image run in the caller's thread; only the forward pass
+    is serialised. A lock costs little here: the network is small, a forward pass on one
+    image takes well under a millisecond, and one pass at a time keeps PyTorch's own
+    thread pool from being oversubscribed by many concurrent callers.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.model = load_model(self.run_dir)
+        config = read_json(self.run_dir / CONFIG)
+        self.classes: list[str] = list(config["classes"])
+        self.style = style_for(config["dataset"])
+        self.info = run_summary(self.run_dir, config)
+        self.info["style"] = self.style
+        self._lock = threading.Lock()
+
+    def prepare(self, data: bytes, name: str) -> torch.Tensor:
+        """Image file bytes -> the uint8 [28,28] image the model sees, as `predict` makes it."""
+        source = io.BytesIO(data)
+        source.name = name  # read_grayscale names the input in its messages
+        try:
+            gray = read_grayscale(source)
+        except UserError as exc:
+            too_big = "pixel limit" in str(exc)
+            raise ImageRejected(str(exc), 413 if too_big else 415) from None
+        try:
+            return prepare_array(gray, self.style, name)
+        except UserError as exc:
+            raise ImageRejected(str(exc), 422) from None
+
+    def predict(self, image: torch.Tensor, name: str, top_k: int = 3) -> dict:
+        with self._lock:
+            return predict_records(self.model, image[None], [name], self.classes, top_k)[0]
+
+    def answer(self, data: bytes, name: str, top_k: int = 3) -> dict:
+        """The `predict --json` record for one image file, plus `seen`: the 28x28 input as a
+        base64 PNG."""
+        image = self.prepare(data, name)
+        record = self.predict(image, name, top_k)
+        record["seen"] = png_base64(image)
+        return record
+
+
+def png_base64(image: torch.Tensor) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image.numpy()).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def run_summary(run_dir: Path, config: dict) -> dict:
+    """summary.json with the run's name and classes; for a run that never finished, what
+    config.json and the last evaluation in metrics.jsonl tell."""
+    path = run_dir / SUMMARY
+    if path.exists():
+        summary = read_json(path)
+    else:
+        recipe = config.get("recipe", {})
+        last = (read_metrics(run_dir / METRICS) or [{}])[-1]
+        summary = {
+            "dataset": config.get("dataset"),
+            "recipe": recipe.get("name"),
+            "model": recipe.get("model"),
+            "epochs": recipe.get("epochs"),
+            "params": config.get("params"),
+            "test_accuracy": last.get("test_accuracy"),
+            "test_loss": last.get("test_loss"),
+        }
+    return {"run": run_dir.resolve().name, **summary, "classes": list(config["classes"])}
