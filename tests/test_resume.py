@@ -239,3 +239,32 @@ def test_torchrun_two_processes_match_one(digits_folder, tmp_path):
     acc_one = json.loads((tmp_path / "one" / "summary.json").read_text())["test_accuracy"]
     acc_two = json.loads((tmp_path / "two" / "summary.json").read_text())["test_accuracy"]
     assert abs(acc_one - acc_two) <= 0.02
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(
+    digits_folder, tmp_path, monkeypatch
+):
+    import errno
+
+    import mnist_cnn.checkpoint as checkpoint_module
+
+    real_save = checkpoint_module.torch.save
+    calls = []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 2:  # the checkpoint of epoch 2 finds the disk full
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_the_disk_fills)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="No space left on device") as failed:
+        train(digits_folder, out)
+    assert "the last complete checkpoint is kept" in str(failed.value)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 20  # epoch 1, intact
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files
+    result = resume_run(out, log=None, progress=False)
+    assert result.history[-1]["step"] == 40

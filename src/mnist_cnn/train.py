@@ -179,6 +179,27 @@ class _StopOnSignal:
         return False
 
 
+class _WritesTo:
+    """Turn a failed write into the user's problem to fix: disk full, folder unwritable.
+
+    Every file goes through temp file + rename, so what was written before is intact.
+    """
+
+    def __init__(self, run_dir: Path | None):
+        self.run_dir = run_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if self.run_dir is not None and isinstance(exc, OSError):
+            raise UserError(
+                f"cannot write to run directory {self.run_dir} ({exc.strerror or exc}): free "
+                "some space or choose another --out; the last complete checkpoint is kept"
+            ) from None
+        return False
+
+
 def recipe_from_config(config: dict) -> Recipe:
     fields = {f.name for f in dataclasses.fields(Recipe)}
     try:
@@ -257,8 +278,10 @@ def fit(
         "versions": versions(),
         "command": sys.argv,
     }
+    writes = _WritesTo(run_dir)
     if run_dir is not None and resume is None:
-        rundir.write_json(run_dir / rundir.CONFIG, config)
+        with writes:
+            rundir.write_json(run_dir / rundir.CONFIG, config)
 
     history: list[dict] = list(resume["history"]) if resume else []
     step = resume["step"] if resume else 0
@@ -284,8 +307,9 @@ def fit(
             "dataset": ds.name,
             "rng": torch.get_rng_state(),
         }
-        save_checkpoint(run_dir / CHECKPOINT, state)
-        rundir.save_weights(core, run_dir / rundir.WEIGHTS)
+        with writes:
+            save_checkpoint(run_dir / CHECKPOINT, state)
+            rundir.save_weights(core, run_dir / rundir.WEIGHTS)
 
     def run_eval(epoch: float, train_loss: float | None) -> dict:
         result = evaluate(core, ds.test, recipe.eval_batch_size)
@@ -299,12 +323,14 @@ def fit(
         }
         history.append(row)
         if run_dir is not None:
-            rundir.append_jsonl(run_dir / rundir.METRICS, row)
+            with writes:
+                rundir.append_jsonl(run_dir / rundir.METRICS, row)
         return row
 
     if resume is not None:
         if run_dir is not None:  # drop rows written after the checkpoint, and any torn line
-            rundir.write_jsonl(run_dir / rundir.METRICS, history)
+            with writes:
+                rundir.write_jsonl(run_dir / rundir.METRICS, history)
         say(f"resuming at step {step} of {total_steps} (epoch {step / steps_per_epoch:.2f})")
     elif main:
         first = run_eval(0.0, None)
@@ -403,11 +429,12 @@ def fit(
             "torch_version": torch.__version__,
         }
     if run_dir is not None:
-        rundir.save_weights(core, run_dir / rundir.WEIGHTS)
-        rundir.write_json(run_dir / rundir.SUMMARY, summary)
-        from mnist_cnn.figures import training_curves
+        with writes:
+            rundir.save_weights(core, run_dir / rundir.WEIGHTS)
+            rundir.write_json(run_dir / rundir.SUMMARY, summary)
+            from mnist_cnn.figures import training_curves
 
-        training_curves(history, ds.name, recipe.name, run_dir / rundir.CURVES)
+            training_curves(history, ds.name, recipe.name, run_dir / rundir.CURVES)
     return TrainResult(model=core, recipe=recipe, history=history, summary=summary, run_dir=run_dir)
 
 
