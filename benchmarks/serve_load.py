@@ -31,11 +31,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from digit_strokes import draw_digit  # noqa: E402  (a helper of the tests, not a package)
+from digit_strokes import photo_like  # noqa: E402  (a helper of the tests, not a package)
 
 
 def photo_like_digits(n: int, seed: int) -> list[tuple[str, bytes]]:
@@ -44,16 +43,7 @@ def photo_like_digits(n: int, seed: int) -> list[tuple[str, bytes]]:
     pictures = []
     for i in range(n):
         digit = i % 10
-        w, h = rng.uniform(0.25, 0.5), rng.uniform(0.45, 0.75)
-        box = (rng.uniform(0.05, 0.95 - w), rng.uniform(0.05, 0.95 - h), w, h)
-        picture = draw_digit(
-            digit, int(rng.integers(64, 400)), thickness=rng.uniform(0.07, 0.15), box=box,
-            angle=rng.uniform(-8, 8), ink=tuple(int(v) for v in rng.integers(0, 90, 3)),
-            paper=tuple(int(v) for v in rng.integers(160, 256, 3)),
-        )  # fmt: skip
-        rgb = np.asarray(picture, dtype=np.float32)
-        noisy = np.clip(rgb + rng.normal(0, rng.uniform(0, 8), rgb.shape), 0, 255)
-        picture = Image.fromarray(noisy.astype(np.uint8))
+        picture = photo_like(digit, rng)
         fmt = "JPEG" if i % 2 else "PNG"
         buffer = io.BytesIO()
         picture.save(buffer, format=fmt)

@@ -71,3 +71,18 @@ def strokes_in_box(digit: int, box: tuple[float, float, float, float]) -> list[l
     """The digit's strokes in pixel coordinates inside box (left, top, width, height)."""
     left, top, width, height = box
     return [[(left + x * width, top + y * height) for x, y in stroke] for stroke in STROKES[digit]]
+
+
+def photo_like(digit: int, rng: np.random.Generator) -> Image.Image:
+    """`digit` as a phone photo of paper might show it: its size, place, tilt, pen width,
+    ink and paper colours and sensor noise all drawn from `rng`."""
+    w, h = rng.uniform(0.2, 0.5), rng.uniform(0.4, 0.75)
+    box = (rng.uniform(0.05, 0.95 - w), rng.uniform(0.05, 0.95 - h), w, h)
+    picture = draw_digit(
+        digit, int(rng.integers(48, 420)), thickness=rng.uniform(0.07, 0.15), box=box,
+        angle=rng.uniform(-8, 8), ink=tuple(int(v) for v in rng.integers(0, 90, 3)),
+        paper=tuple(int(v) for v in rng.integers(160, 256, 3)),
+    )  # fmt: skip
+    rgb = np.asarray(picture, dtype=np.float32)
+    noisy = np.clip(rgb + rng.normal(0, rng.uniform(0, 10), rgb.shape), 0, 255)
+    return Image.fromarray(noisy.astype(np.uint8))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from digit_strokes import draw_digit
+from digit_strokes import draw_digit, photo_like
 from mnist_cnn.errors import UserError
 from mnist_cnn.images import MAX_PIXELS, load_image, prepare_array, read_grayscale
 from mnist_cnn.predict import predict_records
@@ -66,22 +66,10 @@ def test_predict_plot_and_show_input(run_cli, trained_run, tmp_path):
 
 
 def photo_like_digits(n: int, seed: int = 0):
-    """Digits drawn as pen strokes, then scaled, shifted, tilted, on coloured noisy paper."""
+    """(digit, grayscale array) pairs of photo-like pictures of digits 0..9 in turn."""
     rng = np.random.default_rng(seed)
     for i in range(n):
-        digit = i % 10
-        size = int(rng.integers(48, 420))
-        w, h = rng.uniform(0.2, 0.5), rng.uniform(0.4, 0.75)
-        box = (rng.uniform(0.05, 0.95 - w), rng.uniform(0.05, 0.95 - h), w, h)
-        picture = draw_digit(
-            digit, size, thickness=rng.uniform(0.07, 0.15), box=box,
-            angle=rng.uniform(-8, 8),
-            ink=tuple(int(v) for v in rng.integers(0, 90, 3)),
-            paper=tuple(int(v) for v in rng.integers(160, 256, 3)),
-        )  # fmt: skip
-        gray = np.asarray(picture.convert("L"), dtype=np.float32)
-        noisy = np.clip(gray + rng.normal(0, rng.uniform(0, 10), gray.shape), 0, 255)
-        yield digit, noisy
+        yield i % 10, np.asarray(photo_like(i % 10, rng).convert("L"), dtype=np.float32)
 
 
 def test_photo_like_digits_are_prepared_as_mnist_was(trained_run):

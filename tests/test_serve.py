@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digit_strokes import draw_digit
+from digit_strokes import draw_digit, photo_like
 from mnist_cnn.images import MAX_PIXELS, load_image
 
 httpx = pytest.importorskip("httpx", reason="the API tests need httpx (dev extra)")
@@ -51,13 +51,7 @@ def photos(n: int, seed: int = 7) -> list[tuple[str, bytes]]:
     pictures = []
     for i in range(n):
         digit = i % 10
-        w, h = rng.uniform(0.25, 0.5), rng.uniform(0.45, 0.7)
-        box = (rng.uniform(0.05, 0.95 - w), rng.uniform(0.05, 0.95 - h), w, h)
-        picture = draw_digit(
-            digit, int(rng.integers(60, 400)), thickness=rng.uniform(0.07, 0.14), box=box,
-            angle=rng.uniform(-8, 8), ink=tuple(int(v) for v in rng.integers(0, 80, 3)),
-            paper=tuple(int(v) for v in rng.integers(170, 256, 3)),
-        )  # fmt: skip
+        picture = photo_like(digit, rng)
         fmt, suffix = ("JPEG", "jpg") if i % 3 == 0 else ("PNG", "png")
         buffer = io.BytesIO()
         picture.save(buffer, format=fmt)
