@@ -117,3 +117,23 @@ def seed_bn_cnn(num_classes: int = 10) -> nn.Module:
 def wide_bn_cnn(num_classes: int = 10) -> nn.Module:
     """Twice as many channels (32-64-64) with BatchNorm: more capacity, for accuracy."""
     return init_like_flux(_three_block_cnn((32, 64, 64), num_classes, batch_norm=True))
+
+
+@register("fast")
+def fast_cnn(num_classes: int = 10) -> nn.Module:
+    """The seed network with BatchNorm after its second and third convolutions only.
+
+    BatchNorm lets a much larger learning rate train stably; leaving it out of the first
+    stage, whose 28x28 maps are four times the size of the second's, keeps most of that
+    benefit at a fraction of its cost (seconds per epoch: seed 2.29, BatchNorm on every
+    stage 3.24, on stages 2 and 3 only 2.48).
+    """
+    return init_like_flux(
+        nn.Sequential(
+            *_conv_block(1, 16),
+            *_conv_block(16, 32, batch_norm=True),
+            *_conv_block(32, 32, batch_norm=True),
+            nn.Flatten(),
+            nn.Linear(288, num_classes),
+        )
+    )

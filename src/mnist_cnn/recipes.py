@@ -44,12 +44,13 @@ def _add(recipe: Recipe) -> Recipe:
 SEED = _add(Recipe(name="seed", model="seed", epochs=10, batch_size=128, lr=1e-3))
 
 
-# The notebook's accuracy in the least training time: the seed network with BatchNorm,
-# whose far larger learning rate (20x, warmed up over the first 15% of steps, then decayed
-# linearly to zero) learns in two passes what the seed recipe learns in ten.
+# The notebook's accuracy in the least training time: the seed network with BatchNorm on
+# its second and third stages, whose far larger learning rate (20x, warmed up over the
+# first 15% of steps, then decayed linearly to zero) learns in 1.6 passes over the data
+# what the seed recipe learns in ten.
 FAST = _add(
     Recipe(
-        name="fast", model="seed-bn", epochs=2, batch_size=128, lr=2e-2,
+        name="fast", model="fast", epochs=1.6, batch_size=128, lr=2e-2,
         schedule="warmup-linear", warmup=0.15, eval_every=0,
     )
 )  # fmt: skip
