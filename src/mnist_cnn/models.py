@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from mnist_cnn.errors import UserError
@@ -66,6 +65,21 @@ def _conv_block(c_in: int, c_out: int, batch_norm: bool = False) -> list[nn.Modu
     return layers
 
 
+def _three_stage_cnn(
+    widths: tuple[int, int, int], num_classes: int, batch_norm: tuple[bool, bool, bool]
+) -> nn.Sequential:
+    """Three conv stages (each halving the image: 28 -> 14 -> 7 -> 3), then one dense layer."""
+    c1, c2, c3 = widths
+    model = nn.Sequential(
+        *_conv_block(1, c1, batch_norm[0]),
+        *_conv_block(c1, c2, batch_norm[1]),
+        *_conv_block(c2, c3, batch_norm[2]),
+        nn.Flatten(),
+        nn.Linear(c3 * 9, num_classes),
+    )
+    return init_like_flux(model)
+
+
 @register("seed")
 def seed_cnn(num_classes: int = 10) -> nn.Module:
     """The notebook's network, layer for layer (16,938 parameters for 10 classes).
@@ -77,30 +91,7 @@ def seed_cnn(num_classes: int = 10) -> nn.Module:
     log-softmax itself, which is the same function computed stably. Initialised as Flux
     does by default: Glorot-uniform weights, zero biases.
     """
-    model = nn.Sequential(
-        *_conv_block(1, 16),
-        *_conv_block(16, 32),
-        *_conv_block(32, 32),
-        nn.Flatten(),
-        nn.Linear(288, num_classes),
-    )
-    return init_like_flux(model)
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities from logits (the notebook's final softmax layer)."""
-    return torch.softmax(logits.float(), dim=-1)
-
-
-def _three_block_cnn(widths: tuple[int, int, int], num_classes: int, batch_norm: bool):
-    c1, c2, c3 = widths
-    return nn.Sequential(
-        *_conv_block(1, c1, batch_norm),
-        *_conv_block(c1, c2, batch_norm),
-        *_conv_block(c2, c3, batch_norm),
-        nn.Flatten(),
-        nn.Linear(c3 * 9, num_classes),
-    )
+    return _three_stage_cnn((16, 32, 32), num_classes, (False, False, False))
 
 
 @register("seed-bn")
@@ -110,13 +101,7 @@ def seed_bn_cnn(num_classes: int = 10) -> nn.Module:
     BatchNorm lets a much larger learning rate train stably, so far fewer passes over the
     data reach the seed network's accuracy.
     """
-    return init_like_flux(_three_block_cnn((16, 32, 32), num_classes, batch_norm=True))
-
-
-@register("wide-bn")
-def wide_bn_cnn(num_classes: int = 10) -> nn.Module:
-    """Twice as many channels (32-64-64) with BatchNorm: more capacity, for accuracy."""
-    return init_like_flux(_three_block_cnn((32, 64, 64), num_classes, batch_norm=True))
+    return _three_stage_cnn((16, 32, 32), num_classes, (True, True, True))
 
 
 @register("fast")
@@ -128,12 +113,10 @@ def fast_cnn(num_classes: int = 10) -> nn.Module:
     benefit at a fraction of its cost (seconds per epoch: seed 2.29, BatchNorm on every
     stage 3.24, on stages 2 and 3 only 2.48).
     """
-    return init_like_flux(
-        nn.Sequential(
-            *_conv_block(1, 16),
-            *_conv_block(16, 32, batch_norm=True),
-            *_conv_block(32, 32, batch_norm=True),
-            nn.Flatten(),
-            nn.Linear(288, num_classes),
-        )
-    )
+    return _three_stage_cnn((16, 32, 32), num_classes, (False, True, True))
+
+
+@register("wide-bn")
+def wide_bn_cnn(num_classes: int = 10) -> nn.Module:
+    """Twice as many channels (32-64-64) with BatchNorm: more capacity, for accuracy."""
+    return _three_stage_cnn((32, 64, 64), num_classes, (True, True, True))

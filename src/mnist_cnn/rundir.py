@@ -130,7 +130,3 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
             f"{weights} does not fit model '{model_name}' with {num_classes} classes ({first})"
         ) from None
     return model.to(device).eval()
-
-
-def run_classes(run_dir: str | Path) -> tuple[str, ...]:
-    return tuple(read_json(Path(run_dir) / CONFIG)["classes"])
