@@ -23,6 +23,7 @@ from mnist_cnn.data.catalog import FILE_NAMES
 from mnist_cnn.data.idx import write_idx
 from mnist_cnn.distributed import World, shard
 from mnist_cnn.errors import UserError
+from mnist_cnn.rundir import RUN_FILES
 from mnist_cnn.train import TrainingInterrupted, epoch_permutation, resume_run
 
 
@@ -125,7 +126,9 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint_and_resume_completes(digit
     process.communicate()
     state = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
     assert state["step"] % 20 == 0 and state["step"] >= 20
-    assert not list((tmp_path / "killed").glob(".*tmp"))  # no temp file left looking valid
+    # A write cut short leaves only a hidden temp file, never a run file that lies.
+    for path in (tmp_path / "killed").iterdir():
+        assert path.name in RUN_FILES or (path.name.startswith(".") and path.suffix == ".tmp")
     if not (tmp_path / "killed" / "summary.json").exists():
         done = subprocess.run(
             [sys.executable, "-m", "mnist_cnn", "train", "--resume", "killed"],
@@ -133,6 +136,7 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint_and_resume_completes(digit
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
     assert same_weights(weights(tmp_path / "killed"), weights(tmp_path / "whole"))
+    assert not list((tmp_path / "killed").glob(".*.tmp"))  # resume cleared any leftover
 
 
 def test_sigint_exits_130_with_a_checkpoint_and_says_how_to_resume(digits_folder, tmp_path):

@@ -446,6 +446,8 @@ def resume_run(run_dir: str | Path, device: str = "auto", **kwargs) -> TrainResu
     run_dir = Path(run_dir)
     config = rundir.read_json(run_dir / rundir.CONFIG)
     state = load_checkpoint(run_dir / CHECKPOINT)
+    for partial in run_dir.glob(".*.tmp"):  # a write cut short by a kill: never renamed
+        partial.unlink(missing_ok=True)
     recipe = recipe_from_config(config)
     ds = load_dataset(config["dataset"])
     if tuple(config.get("classes", ())) != ds.classes:
