@@ -85,7 +85,7 @@ def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
         )
     cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
     # Fused Adam: one kernel for all parameters instead of a loop of small ops
-    # (measured 2.37 -> 2.27 s per seed-recipe epoch on 2 cores).
+    # (1.98 -> 1.90 s per seed epoch on 2 cores, benchmarks/step_time.py).
     return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
 
 
@@ -120,7 +120,7 @@ def resolve_precision(recipe: Recipe, device: torch.device) -> str:
 
 def autocast_for(precision: str, device: torch.device) -> Callable | None:
     # bf16 autocast: convolutions and the dense layer in bfloat16, loss and weights in
-    # float32 (measured 3.46 -> 2.50 s per seed-recipe epoch with avx512_bf16).
+    # float32 (2.61 -> 1.98 s per seed epoch with avx512_bf16, benchmarks/step_time.py).
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return None
@@ -248,8 +248,8 @@ def fit(
 
     core = model.to(dev)
     if recipe.channels_last:
-        # Measured: max pooling in the default NCHW layout took a third of each step
-        # (4.8 -> 3.4 s per seed-recipe epoch on 2 cores).
+        # Channels-last: max pooling in the default NCHW layout took a third of each step
+        # (4.22 -> 2.61 s per seed epoch on 2 cores, benchmarks/step_time.py).
         core = core.to(memory_format=torch.channels_last)
     if resume is not None:
         core.load_state_dict(resume["model"])
