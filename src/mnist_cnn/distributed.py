@@ -61,6 +61,11 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def wait_for_all(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

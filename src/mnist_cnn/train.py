@@ -31,7 +31,14 @@ from mnist_cnn import rundir
 from mnist_cnn.augment import random_flip, random_shift, step_generator
 from mnist_cnn.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from mnist_cnn.data import Dataset
-from mnist_cnn.distributed import World, any_rank, current_world, init_process_group, shard
+from mnist_cnn.distributed import (
+    World,
+    any_rank,
+    current_world,
+    init_process_group,
+    shard,
+    wait_for_all,
+)
 from mnist_cnn.errors import UserError
 from mnist_cnn.metrics import evaluate, to_input
 from mnist_cnn.models import count_parameters
@@ -435,6 +442,9 @@ def fit(
             from mnist_cnn.figures import training_curves
 
             training_curves(history, ds.name, recipe.name, run_dir / rundir.CURVES)
+    # Every rank leaves together, after rank 0 has written everything: a rank that tears
+    # down its process group while another still uses it can abort the whole job.
+    wait_for_all(world)
     return TrainResult(model=core, recipe=recipe, history=history, summary=summary, run_dir=run_dir)
 
 
