@@ -152,44 +152,27 @@ def table_rows(ours: dict, reference: dict, *, epochs: int, target: float) -> li
     def fmt_ratio(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
+    def row(label: str, key: str, digits: int) -> list[str]:
+        return [label, f"{ours[key]:.{digits}f}", f"{reference[key]:.{digits}f}",
+                fmt_ratio(ratio(ours[key], reference[key]))]  # fmt: skip
+
     n_test = f"{ours['test_images']:,}"
     return [
-        [
-            "seconds per epoch",
-            f"{ours['epoch_seconds']:.2f}",
-            f"{reference['epoch_seconds']:.2f}",
-            fmt_ratio(ratio(ours["epoch_seconds"], reference["epoch_seconds"])),
-        ],
-        [
+        row("seconds per epoch", "epoch_seconds", 2),
+        row(
             "seconds of the fastest epoch (least disturbed by other load)",
-            f"{ours['fastest_epoch_seconds']:.2f}",
-            f"{reference['fastest_epoch_seconds']:.2f}",
-            fmt_ratio(ratio(ours["fastest_epoch_seconds"], reference["fastest_epoch_seconds"])),
-        ],
-        [
-            f"seconds to evaluate {n_test} test images",
-            f"{ours['eval_seconds']:.3f}",
-            f"{reference['eval_seconds']:.3f}",
-            fmt_ratio(ratio(ours["eval_seconds"], reference["eval_seconds"])),
-        ],
+            "fastest_epoch_seconds",
+            2,
+        ),
+        row(f"seconds to evaluate {n_test} test images", "eval_seconds", 3),
         [
             f"training seconds to {target:g} test accuracy",
             reached(ours),
             reached(reference),
             fmt_ratio(ratio(ours["time_to_target"], reference["time_to_target"])),
         ],
-        [
-            "peak RSS (MB)",
-            f"{ours['peak_rss_mb']:.0f}",
-            f"{reference['peak_rss_mb']:.0f}",
-            fmt_ratio(ratio(ours["peak_rss_mb"], reference["peak_rss_mb"])),
-        ],
-        [
-            f"test accuracy after {epochs} epochs",
-            f"{ours['test_accuracy']:.4f}",
-            f"{reference['test_accuracy']:.4f}",
-            fmt_ratio(ratio(ours["test_accuracy"], reference["test_accuracy"])),
-        ],
+        row("peak RSS (MB)", "peak_rss_mb", 0),
+        row(f"test accuracy after {epochs} epochs", "test_accuracy", 4),
     ]
 
 
