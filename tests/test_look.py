@@ -48,6 +48,17 @@ def test_explain_writes_filters_and_feature_maps(run_cli, trained_run, tmp_path)
     assert code == 2 and "out of range" in err
 
 
+def test_stage_outputs_show_each_stage_once_for_every_model():
+    from mnist_cnn.explain import stage_outputs
+    from mnist_cnn.models import MODELS, build_model
+
+    image = torch.randint(0, 256, (28, 28), dtype=torch.uint8)
+    for name in MODELS:
+        stages = stage_outputs(build_model(name).eval(), image)
+        assert [tuple(out.shape[-2:]) for _, out in stages] == [(28, 28), (14, 14), (7, 7)], name
+        assert all(out.min() >= 0 for _, out in stages)  # after ReLU
+
+
 def test_predict_plot_and_show_input(run_cli, trained_run, tmp_path):
     photo = tmp_path / "photo.png"
     draw_digit(3, 300).save(photo)

@@ -222,9 +222,85 @@ def test_random_shift_moves_digits_without_losing_ink(mnist):
     assert torch.equal(flipped[mirrored], images[mirrored].flip(-1))
 
 
+def test_random_affine_turns_and_zooms_about_the_centre():
+    from mnist_cnn.augment import random_affine, step_generator
+
+    cpu = torch.device("cpu")
+    bar = torch.zeros(64, 1, 28, 28)
+    bar[:, :, 13:15, 6:22] = 1.0  # a horizontal bar through the centre
+    same = random_affine(bar, 0.0, 0.0, step_generator(0, 1, cpu))
+    assert torch.allclose(same, bar, atol=1e-6)  # no turn, no zoom: the image itself
+
+    turned = random_affine(bar, 30.0, 0.0, step_generator(0, 1, cpu))
+    assert torch.equal(turned, random_affine(bar, 30.0, 0.0, step_generator(0, 1, cpu)))
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    mass = turned.sum((1, 2, 3))
+    centre_y = (turned[:, 0] * ys).sum((1, 2)) / mass
+    centre_x = (turned[:, 0] * xs).sum((1, 2)) / mass
+    assert (centre_y - 13.5).abs().max() < 0.5 and (centre_x - 13.5).abs().max() < 0.5
+    assert (mass - bar.sum((1, 2, 3))).abs().max() < 0.05 * bar[0].sum()  # ink kept
+    # The bar's slope, from the second moments: different per image, within +-30 degrees.
+    dy, dx = ys - centre_y.view(-1, 1, 1), xs - centre_x.view(-1, 1, 1)
+    weights = turned[:, 0]
+    cov_xy = (weights * dx * dy).sum((1, 2))
+    cov_xx = (weights * dx * dx).sum((1, 2))
+    cov_yy = (weights * dy * dy).sum((1, 2))
+    angle = torch.rad2deg(0.5 * torch.atan2(2 * cov_xy, cov_xx - cov_yy)).abs()
+    assert angle.max() <= 30.5 and angle.max() > 15 and angle.std() > 3
+
+    zoomed = random_affine(bar, 0.0, 0.3, step_generator(0, 2, cpu))
+    length = (zoomed[:, 0, 13:15].sum(1) > 0.5).sum(1).float()  # bar length in pixels
+    assert length.min() < 14 and length.max() > 18  # 16 pixels, zoomed by 0.7..1.3
+
+
+def test_affine_augmentation_is_checked_and_reproducible(mnist):
+    with pytest.raises(UserError, match=r"augment_rotate must lie in 0\.\.45"):
+        resolve_recipe("seed", augment_rotate=90)
+    with pytest.raises(UserError, match=r"augment_scale must lie in 0\.\.0\.5"):
+        resolve_recipe("seed", augment_scale=-0.1)
+    small = subset(mnist, 1000)
+
+    def train() -> dict:
+        torch.manual_seed(0)
+        model = build_model("seed")
+        fit(model, small, "seed", epochs=1, augment_rotate=10, augment_scale=0.1,
+            progress=False, log=None)  # fmt: skip
+        return model.state_dict()
+
+    first, second = train(), train()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_mirror_averaged_model_averages_image_and_mirror_at_test_time():
+    from mnist_cnn.models import MirrorAveraged
+
+    torch.manual_seed(0)
+    model = build_model("deep-bn-mirror")
+    assert isinstance(model, MirrorAveraged)
+    assert count_parameters(model) == count_parameters(build_model("deep-bn")) == 141_418
+    x = torch.rand(8, 1, 28, 28)
+    model.eval()
+    with torch.no_grad():
+        both = model(x)
+        plain, mirrored = model.net(x), model.net(x.flip(-1))
+        assert torch.allclose(both, (plain + mirrored) / 2, atol=1e-6)
+        assert not torch.allclose(both, plain, atol=1e-4)
+        symmetric = (x + x.flip(-1)) / 2
+        assert torch.allclose(model(symmetric), model.net(symmetric), atol=1e-5)
+    model.train()
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(out, model.net(x))  # training sees each image as it is
+
+
 def test_best_recipe_flips_clothes_but_not_digits():
-    assert not resolve_recipe("best", dataset="mnist").augment_flip
-    assert resolve_recipe("best", dataset="fashion-mnist").augment_flip
+    digits = resolve_recipe("best", dataset="mnist")
+    clothes = resolve_recipe("best", dataset="fashion-mnist")
+    assert not digits.augment_flip and digits.model == "deep-bn"
+    assert digits.augment_rotate > 0 and digits.augment_scale > 0
+    assert clothes.augment_flip and clothes.model == "deep-bn-mirror"
+    assert clothes.augment_rotate == 0 and clothes.augment_scale == 0
     assert resolve_recipe("best", dataset="fashion-mnist", augment_flip=False).augment_flip is False
     assert resolve_recipe("best").augment_shift == 2
 

@@ -12,6 +12,7 @@ from mnist_cnn.data import load_dataset
 from mnist_cnn.errors import UserError
 from mnist_cnn.figures import conv_filters, feature_maps
 from mnist_cnn.metrics import to_input
+from mnist_cnn.models import MirrorAveraged
 
 FILTERS = "filters.png"
 FEATURE_MAPS = "feature_maps.png"
@@ -24,6 +25,8 @@ def stage_outputs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, torc
     The hook sits on the module feeding each max pooling (the convolution, or its
     BatchNorm), so the maps keep the stage's full resolution.
     """
+    if isinstance(model, MirrorAveraged):  # its stages, for the image as given
+        model = model.net
     modules = list(model.modules())
     feeders = [modules[i - 1] for i, m in enumerate(modules) if isinstance(m, nn.MaxPool2d)]
     if not feeders:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from mnist_cnn.errors import UserError
@@ -121,3 +122,59 @@ def fast_cnn(num_classes: int = 10) -> nn.Module:
 def wide_bn_cnn(num_classes: int = 10) -> nn.Module:
     """Twice as many channels (32-64-64) with BatchNorm: more capacity, for accuracy."""
     return _three_stage_cnn((32, 64, 64), num_classes, (True, True, True))
+
+
+def _deep_stage(c_in: int, widths: tuple[int, ...]) -> list[nn.Module]:
+    """Convolutions at one resolution, each with BatchNorm and ReLU, the last one a
+    `_conv_block` (so pooling comes before its ReLU)."""
+    layers: list[nn.Module] = []
+    for c_out in widths[:-1]:
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
+        c_in = c_out
+    return layers + _conv_block(c_in, widths[-1], batch_norm=True)
+
+
+@register("deep-bn")
+def deep_bn_cnn(num_classes: int = 10) -> nn.Module:
+    """Four 3x3 convolutions with BatchNorm: 32 | 64, 64 | 128 channels (28 -> 14 -> 7 -> 3).
+
+    The second convolution of stage 2 works at 14x14, where it costs a quarter of what it
+    would at 28x28. 141,418 parameters; an epoch takes about 11.5 s on 2 CPU cores in
+    bf16, against 2.1 s for the seed network.
+    """
+    model = nn.Sequential(
+        *_deep_stage(1, (32,)),
+        *_deep_stage(32, (64, 64)),
+        *_deep_stage(64, (128,)),
+        nn.Flatten(),
+        nn.Linear(128 * 9, num_classes),
+    )
+    return init_like_flux(model)
+
+
+class MirrorAveraged(nn.Module):
+    """A network that, once trained, also looks at the mirror image of its input.
+
+    In eval mode it returns the mean of the logits for each image and for the image
+    flipped left to right (test-time augmentation, for data where a mirrored item is the
+    same class: clothes, not digits). In training mode it is `net` alone.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.net(x)
+        return (self.net(x) + self.net(x.flip(-1))) / 2
+
+
+@register("deep-bn-mirror")
+def deep_bn_mirror_cnn(num_classes: int = 10) -> nn.Module:
+    """`deep-bn` that averages its logits over the image and its mirror at test time."""
+    return MirrorAveraged(deep_bn_cnn(num_classes))

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mnist_cnn import rundir
-from mnist_cnn.augment import random_flip, random_shift, step_generator
+from mnist_cnn.augment import random_affine, random_flip, random_shift, step_generator
 from mnist_cnn.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from mnist_cnn.data import Dataset
 from mnist_cnn.distributed import (
@@ -346,6 +346,8 @@ def fit(
     # On CPU a host sync costs nothing, so the loss is checked every step; on a GPU only
     # every few steps, to keep the device busy.
     check_every = 1 if dev.type == "cpu" else 25
+    augments = any((recipe.augment_shift, recipe.augment_flip, recipe.augment_rotate,
+                    recipe.augment_scale))  # fmt: skip
     net.train()
     with _StopOnSignal() as stop:
         for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
@@ -365,12 +367,16 @@ def fit(
                 start = batch * recipe.batch_size
                 idx = shard(order[start : start + recipe.batch_size], world)
                 batch_images = train_images[idx]
-                if recipe.augment_shift or recipe.augment_flip:
-                    generator = step_generator(seed, step, dev)
+                generator = step_generator(seed, step, dev) if augments else None
+                if recipe.augment_shift:
                     batch_images = random_shift(batch_images, recipe.augment_shift, generator)
-                    if recipe.augment_flip:
-                        batch_images = random_flip(batch_images, generator)
-                x = to_input(batch_images, recipe.channels_last)
+                if recipe.augment_flip:
+                    batch_images = random_flip(batch_images, generator)
+                x = to_input(batch_images)
+                if recipe.augment_rotate or recipe.augment_scale:
+                    x = random_affine(x, recipe.augment_rotate, recipe.augment_scale, generator)
+                if recipe.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 y = train_labels[idx]
                 for group in optimizer.param_groups:
                     group["lr"] = recipe.lr * lr_factor(recipe, step, total_steps)
