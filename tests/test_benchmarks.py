@@ -249,3 +249,34 @@ def test_cli_bench_without_the_benchmarks_folder_is_a_one_line_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert str(tmp_path / "benchmarks" / "harness.py") in done.stderr
+
+
+# --- the accelerator script --------------------------------------------------------------------
+
+
+def test_gpu_script_prints_a_results_section_and_runs_on_cpu_too():
+    tiny = ["--train-limit", "512", "--test-limit", "200", "--eval-repeats", "1"]
+    done = run_script("gpu.py", "--device", "cpu", "--seeds", "0", "1", "--seed-epochs", "2", *tiny)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("## ") and lines[0].endswith("(benchmarks/gpu.py)")
+    rows = [line.split(" | ") for line in lines if line.startswith(("| fast", "| seed"))]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        ("| fast", "mnist", "0"), ("| fast", "mnist", "1"),
+        ("| fast", "fashion-mnist", "0"), ("| fast", "fashion-mnist", "1"),
+        ("| seed", "mnist", "0"),
+    ]  # fmt: skip
+    for row in rows:
+        assert 0 <= float(row[3]) <= 1 and float(row[5].rstrip(" |")) > 0
+    epochs = next(line for line in lines if line.startswith("- Seed recipe, seconds"))
+    assert len(epochs.split(":")[1].split(",")) == 2
+    assert "Evaluating 200 test images" in done.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
+def test_gpu_script_without_a_gpu_is_a_one_line_error():
+    done = run_script("gpu.py", "--train-limit", "64", "--test-limit", "64")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "gpu.py: error: --device cuda was asked for but no CUDA GPU is visible: use --device cpu"
+    ]

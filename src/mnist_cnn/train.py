@@ -389,6 +389,9 @@ def fit(
                 loss_sum += loss.detach()
                 loss_count += 1
                 step += 1
+                end_of_epoch = batch == last_batch  # or the end of training, mid-epoch
+                if end_of_epoch and dev.type == "cuda":
+                    torch.cuda.synchronize(dev)  # queued kernels are this epoch's training time
                 train_seconds += time.perf_counter() - tick
                 bar.update(min(recipe.batch_size, n - start))
                 if step % 50 == 0 and not bar.disable:
@@ -402,7 +405,6 @@ def fit(
                         f"(not finite or over {DIVERGED_LOSS:.0e}); lower the learning rate "
                         "(--lr); the last good checkpoint is kept"
                     )
-                end_of_epoch = batch == last_batch  # or the end of training, mid-epoch
                 due = recipe.eval_every > 0 and train_seconds - last_eval_at >= recipe.eval_every
                 if main and (end_of_epoch or due):
                     train_loss = (loss_sum / max(1, loss_count)).item()
