@@ -36,6 +36,17 @@ def test_train_on_a_folder_writes_a_run_directory(run_cli, tiny_idx_folder, tmp_
     assert summary["dataset"] == str(folder) and summary["epochs"] == 2
     rows = (out_dir / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3  # untrained + two epoch ends (training takes far less than 60 s)
+    assert json.loads((out_dir / "config.json").read_text())["threads"] >= 1
+
+
+def test_train_threads_flag_sets_the_cpu_threads(run_cli, tiny_idx_folder, tmp_path):
+    folder = tiny_idx_folder(n_train=200, n_test=50)
+    code, _, err = run_cli("train", "--dataset", str(folder), "--epochs", "1", "--threads", "1",
+                           "--out", tmp_path / "one")  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["threads"] == 1
+    code, _, err = run_cli("train", "--dataset", str(folder), "--threads", "0")
+    assert code == 2 and "--threads" in one_error_line(err)
 
 
 def test_train_refuses_bad_settings(run_cli, tiny_idx_folder, tmp_path):

@@ -147,7 +147,7 @@ def cmd_train(args) -> int:
         if args.resume:
             if args.out or args.overwrite:
                 raise UserError("--resume continues RUN_DIR in place: drop --out/--overwrite")
-            result = resume_run(args.resume, device=args.device)
+            result = resume_run(args.resume, device=args.device, threads=args.threads)
             out = args.resume
         else:
             recipe = resolve_recipe(
@@ -162,7 +162,7 @@ def cmd_train(args) -> int:
             say(f"training '{recipe.model}' on {ds.name} with recipe '{recipe.name}' -> {out}")
             result = fit(
                 model, ds, recipe, seed=args.seed, device=args.device, out=out,
-                overwrite=args.overwrite, log=say,
+                overwrite=args.overwrite, threads=args.threads, log=say,
             )  # fmt: skip
     finally:
         destroy()
@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--threads", type=_positive_int,
+        help="CPU threads (default: every core it may use; two runs at once: give each half)",
+    )  # fmt: skip
     p.add_argument(
         "--eval-every", type=_nonnegative_float, metavar="SECONDS",
         help="evaluate every SECONDS of training and after each epoch (0: after epochs only)",

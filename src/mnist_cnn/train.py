@@ -226,6 +226,7 @@ def fit(
     overwrite: bool = False,
     resume: dict | None = None,
     progress: bool | None = None,
+    threads: int | None = None,
     log: Callable[[str], None] | None = print,
     **overrides,
 ) -> TrainResult:
@@ -235,6 +236,8 @@ def fit(
     checkpoint after every epoch and on SIGINT/SIGTERM); None writes nothing.
     `resume`: a loaded checkpoint to continue from (see `resume_run`).
     `progress`: a progress bar per epoch (None: only on a terminal).
+    `threads`: CPU threads (None: the cores this process may use, shared among the
+    processes of this machine under torchrun). Give each of two runs sharing a machine half.
     Keyword overrides (epochs=, batch_size=, lr=, eval_every=, ...) change the recipe.
     Under `torchrun`, trains data-parallel; only rank 0 evaluates, prints and writes.
     """
@@ -245,7 +248,7 @@ def fit(
         dev = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(dev)
     if dev.type == "cpu":
-        torch.set_num_threads(max(1, available_cores() // _local_processes(world)))
+        torch.set_num_threads(threads or max(1, available_cores() // _local_processes(world)))
     init_process_group(world, dev)
     main = world.is_main
     say = (log or (lambda _line: None)) if main else (lambda _line: None)
