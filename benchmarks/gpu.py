@@ -21,7 +21,7 @@ import shlex
 import sys
 
 import torch
-from measure import load_limited, median_seconds
+from measure import load_limited, median_seconds, seconds_per_epoch
 
 from mnist_cnn import UserError, build_model, evaluate, fit
 from mnist_cnn.data.catalog import NOTEBOOK_ACCURACY
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| seed | mnist | {args.seeds[0]} | {run.test_accuracy:.4f} | "
         f"{NOTEBOOK_ACCURACY['mnist']:.4f} | {run.summary['train_seconds']:.2f} |"
     )
-    cumulative = [row["seconds"] for row in run.history if row["step"] > 0]
-    per_epoch = [b - a for a, b in itertools.pairwise([0.0, *cumulative])]
+    per_epoch = seconds_per_epoch(run.history)
     seconds = eval_seconds(run.model, data["mnist"], device, args.eval_repeats)
     lines += [
         "",

@@ -8,6 +8,7 @@ how it was timed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -89,6 +90,13 @@ def median_seconds(work: Callable[[], object], repeats: int) -> float:
         work()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def seconds_per_epoch(history: Sequence[dict]) -> list[float]:
+    """Training seconds of each epoch from `fit`'s history run with `eval_every=0`: the
+    rows after the untrained one are the epoch ends, with cumulative training seconds."""
+    cumulative = [row["seconds"] for row in history if row["step"] > 0]
+    return [b - a for a, b in itertools.pairwise([0.0, *cumulative])]
 
 
 def time_to_target(

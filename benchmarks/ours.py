@@ -9,11 +9,17 @@ excluded by fit itself) give the seconds of each epoch.
 
 from __future__ import annotations
 
-import itertools
 import sys
 
 import torch
-from measure import common_parser, load_limited, median_seconds, report, result_record
+from measure import (
+    common_parser,
+    load_limited,
+    median_seconds,
+    report,
+    result_record,
+    seconds_per_epoch,
+)
 
 from mnist_cnn import UserError, build_model, evaluate, fit, resolve_recipe
 from mnist_cnn.train import resolve_precision, select_device
@@ -36,14 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         log=None,
     )  # fmt: skip
 
-    epoch_ends = [row for row in result.history if row["step"] > 0]
-    cumulative = [row["seconds"] for row in epoch_ends]
-    epoch_seconds = [b - a for a, b in itertools.pairwise([0.0, *cumulative])]
-    epoch_accuracies = [row["test_accuracy"] for row in epoch_ends]
+    epoch_accuracies = [row["test_accuracy"] for row in result.history if row["step"] > 0]
 
     eval_seconds = median_seconds(lambda: evaluate(result.model, ds.test), args.eval_repeats)
     record = result_record(
-        epoch_seconds,
+        seconds_per_epoch(result.history),
         epoch_accuracies,
         eval_seconds,
         test_accuracy=evaluate(result.model, ds.test).accuracy,
