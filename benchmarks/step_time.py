@@ -18,34 +18,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_cnn.pool import MaxPool2x2, kernel_status
+
 EPOCH_IMAGES = 60_000
 BATCH = 128
 
-# name: (ReLU after pooling, channels-last, bf16 autocast, fused Adam)
+# name: (ReLU after pooling, channels-last, bf16 autocast, fused Adam, pooling kernel)
 VARIANTS = {
-    "plain (NCHW, fp32, ReLU then pool)": (False, False, False, False),
-    "+ channels-last": (False, True, False, False),
-    "+ bf16 autocast": (False, True, True, False),
-    "+ fused Adam": (False, True, True, True),
-    "+ ReLU after pooling (all tricks)": (True, True, True, True),
+    "plain (NCHW, fp32, ReLU then pool)": (False, False, False, False, False),
+    "+ channels-last": (False, True, False, False, False),
+    "+ bf16 autocast": (False, True, True, False, False),
+    "+ fused Adam": (False, True, True, True, False),
+    "+ ReLU after pooling": (True, True, True, True, False),
+    "+ compiled pooling kernel (all tricks)": (True, True, True, True, True),
 }
 
 
-def seed_network(relu_after_pool: bool) -> nn.Sequential:
+def seed_network(relu_after_pool: bool, pooling_kernel: bool) -> nn.Sequential:
     def stage(c_in: int, c_out: int) -> list[nn.Module]:
-        conv, relu, pool = nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(True), nn.MaxPool2d(2)
+        conv, relu = nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(True)
+        pool = MaxPool2x2() if pooling_kernel else nn.MaxPool2d(2)
         return [conv, pool, relu] if relu_after_pool else [conv, relu, pool]
 
     return nn.Sequential(*stage(1, 16), *stage(16, 32), *stage(32, 32), nn.Flatten(),
                          nn.Linear(288, 10))  # fmt: skip
 
 
-def seconds_per_epoch(variant: tuple[bool, bool, bool, bool], steps: int) -> float:
-    relu_after_pool, channels_last, bf16, fused = variant
+def seconds_per_epoch(variant: tuple[bool, ...], steps: int) -> float:
+    relu_after_pool, channels_last, bf16, fused, pooling_kernel = variant
     torch.manual_seed(0)
     images = torch.randint(0, 256, (steps * BATCH, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (steps * BATCH,))
-    model = seed_network(relu_after_pool)
+    model = seed_network(relu_after_pool, pooling_kernel)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
@@ -74,7 +78,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, variant in VARIANTS.items():
             results[name].append(seconds_per_epoch(variant, args.steps))
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, pooling kernel: "
+          f"{kernel_status()}")  # fmt: skip
     print("| variant | seconds per epoch (best round) |\n| --- | ---: |")
     for name, values in results.items():
         print(f"| {name} | {min(values):.2f} |")

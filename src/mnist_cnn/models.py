@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mnist_cnn.errors import UserError
+from mnist_cnn.pool import MaxPool2x2
 
 ModelBuilder = Callable[..., nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
@@ -58,12 +59,13 @@ def _conv_block(c_in: int, c_out: int, batch_norm: bool = False) -> list[nn.Modu
     ReLU comes after the pooling: max and ReLU commute (ReLU is monotonic), so the block
     computes exactly Conv -> ReLU -> MaxPool, values and gradients alike, while ReLU
     touches a quarter of the values (1.90 -> 1.73 s per seed epoch on 2 cores,
-    benchmarks/step_time.py).
+    benchmarks/step_time.py). The pooling trains through a C kernel where it can
+    (`mnist_cnn.pool`), with the same values and gradients as `nn.MaxPool2d(2)`.
     """
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
     if batch_norm:
         layers.append(nn.BatchNorm2d(c_out))
-    layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+    layers += [MaxPool2x2(), nn.ReLU(inplace=True)]
     return layers
 
 

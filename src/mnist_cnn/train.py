@@ -42,6 +42,7 @@ from mnist_cnn.distributed import (
 from mnist_cnn.errors import UserError
 from mnist_cnn.metrics import evaluate, to_input
 from mnist_cnn.models import count_parameters
+from mnist_cnn.pool import kernel_status
 from mnist_cnn.recipes import Recipe, resolve_recipe
 
 
@@ -284,6 +285,7 @@ def fit(
         "precision": precision,
         "processes": world.size,
         "threads": torch.get_num_threads(),
+        "max_pooling": kernel_status() if dev.type == "cpu" else "pytorch",
         "params": count_parameters(core),
         "versions": versions(),
         "command": sys.argv,
