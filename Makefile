@@ -7,9 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FASHION_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser run test lint format clean
+.PHONY: setup data compiler browser run test lint format clean
 
-setup: $(STAMP) data
+setup: $(STAMP) data compiler
 
 # torch first, pinned: any other spec pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -31,6 +31,11 @@ run: runs/mnist-seed/summary.json runs/fashion-mnist-seed/summary.json
 
 runs/%-seed/summary.json: | setup
 	@$(BIN)/mnist-cnn train --dataset $* --recipe seed --out runs/$*-seed --overwrite
+
+# A C compiler, for the max-pooling kernel (src/mnist_cnn/_pool2x2.c, built on first use).
+compiler:
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 \
+		|| ./scripts/apt-install.sh gcc "max pooling will use PyTorch's slower kernel"
 
 # Debian's chromium, for the browser test of the web page (skipped where it can't be had).
 browser:

@@ -27,13 +27,19 @@ static inline float f32_to_float(float value) { return value; }
  * which the compiler cannot prove for a run-time channel count; without it the inner
  * loops are not vectorised and run about 20 times slower.
  * `omp parallel for`: rows of windows are shared among the threads of the OpenMP runtime
- * PyTorch has already loaded (torch.set_num_threads decides how many); built without
- * OpenMP, the loops run on one thread. */
+ * PyTorch has already loaded, as many as the caller passes (torch.get_num_threads()), or
+ * one for small work, where starting threads would cost more than it saves (as PyTorch's
+ * grain size does); built without OpenMP, the loops run on one thread. */
+#define POOL2X2_GRAIN 32768
+#define POOL2X2_THREADS(n, h2, w2, c, threads) \
+    ((n) * (h2) * (w2) * (c) < POOL2X2_GRAIN ? 1 : (threads))
 #define POOL2X2_KERNELS(SUFFIX, T, TO_FLOAT)                                                \
     void pool2x2_forward_##SUFFIX(const T *x, T *y, uint8_t *code, int64_t n, int64_t h,   \
-                                  int64_t w, int64_t c) {                                  \
+                                  int64_t w, int64_t c, int threads) {                     \
         const int64_t h2 = h / 2, w2 = w / 2;                                              \
-        _Pragma("omp parallel for schedule(static)")                                       \
+        const int team = POOL2X2_THREADS(n, h2, w2, c, threads);                           \
+        (void)team;                                                                        \
+        _Pragma("omp parallel for schedule(static) num_threads(team)")                     \
         for (int64_t row = 0; row < n * h2; row++) {                                       \
             const int64_t b = row / h2, i = row % h2;                                      \
             const T *restrict top = x + (b * h + 2 * i) * w * c;                           \
@@ -63,10 +69,13 @@ static inline float f32_to_float(float value) { return value; }
     }                                                                                      \
                                                                                            \
     void pool2x2_backward_##SUFFIX(const T *grad, const uint8_t *code, T *grad_x,          \
-                                   int64_t n, int64_t h, int64_t w, int64_t c) {           \
+                                   int64_t n, int64_t h, int64_t w, int64_t c,             \
+                                   int threads) {                                          \
         const int64_t h2 = h / 2, w2 = w / 2;                                              \
+        const int team = POOL2X2_THREADS(n, h2, w2, c, threads);                           \
+        (void)team;                                                                        \
         const T zero = 0;                                                                  \
-        _Pragma("omp parallel for schedule(static)")                                       \
+        _Pragma("omp parallel for schedule(static) num_threads(team)")                     \
         for (int64_t row = 0; row < n * h2; row++) {                                       \
             const int64_t b = row / h2, i = row % h2;                                      \
             const T *restrict g = grad + row * w2 * c;                                     \

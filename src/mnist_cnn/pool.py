@@ -142,7 +142,7 @@ def _load() -> dict[torch.dtype, tuple] | None:
             forward = getattr(lib, f"pool2x2_forward_{suffix}")
             backward = getattr(lib, f"pool2x2_backward_{suffix}")
             for fn in (forward, backward):
-                fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64]
+                fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
                 fn.restype = None
             kernels[dtype] = (forward, backward)
         _kernels = kernels
@@ -155,7 +155,7 @@ def _pool_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     forward, _ = _kernels[x.dtype]
     y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
     code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
-    forward(x.data_ptr(), y.data_ptr(), code.data_ptr(), n, h, w, c)
+    forward(x.data_ptr(), y.data_ptr(), code.data_ptr(), n, h, w, c, torch.get_num_threads())
     return y, code
 
 
@@ -177,7 +177,9 @@ class _MaxPool2x2(torch.autograd.Function):
         _, backward = _kernels[grad.dtype]
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty((n, c, h, w), dtype=grad.dtype, memory_format=torch.channels_last)
-        backward(grad.data_ptr(), code.data_ptr(), grad_x.data_ptr(), n, h, w, c)
+        backward(
+            grad.data_ptr(), code.data_ptr(), grad_x.data_ptr(), n, h, w, c, torch.get_num_threads()
+        )
         return grad_x
 
 
