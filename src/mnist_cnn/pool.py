@@ -47,7 +47,7 @@ _why_not: str | None = None  # why the kernel is unavailable, once known
 
 
 def kernel_status() -> str:
-    """'compiled' when training uses the C kernel, else 'pytorch (<why>)'."""
+    """'compiled' when pooling runs the C kernel where it applies, else 'pytorch (<why>)'."""
     if os.environ.get(NATIVE_ENV, "") not in ("", "0"):
         return f"pytorch ({NATIVE_ENV} is set)"
     return "compiled" if _load() else f"pytorch ({_why_not})"
