@@ -30,6 +30,7 @@ from tqdm import tqdm
 from mnist_cnn import rundir
 from mnist_cnn.augment import random_affine, random_flip, random_shift, step_generator
 from mnist_cnn.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from mnist_cnn.cpu import cpu_flags
 from mnist_cnn.data import Dataset
 from mnist_cnn.distributed import (
     World,
@@ -111,12 +112,7 @@ def has_fast_bf16(device: torch.device) -> bool:
     """Whether bfloat16 matmuls and convolutions run natively on `device`."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_precision(recipe: Recipe, device: torch.device) -> str:
