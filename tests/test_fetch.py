@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_cnn.cache import cache_root
 from mnist_cnn.data import fetch
 from mnist_cnn.data.catalog import (
     CATALOG,
@@ -35,7 +36,6 @@ from mnist_cnn.data.catalog import (
 )
 from mnist_cnn.data.fetch import (
     SOURCE_RECORD,
-    cache_root,
     cache_status,
     configured_sources,
     dataset_dir,

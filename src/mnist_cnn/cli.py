@@ -37,8 +37,9 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_data_list(args) -> int:
+    from mnist_cnn.cache import cache_root
     from mnist_cnn.data import CATALOG
-    from mnist_cnn.data.fetch import cache_root, cache_status, configured_sources, recorded_source
+    from mnist_cnn.data.fetch import cache_status, configured_sources, recorded_source
 
     print(f"cache: {cache_root()}")
     print(f"{'name':<15}{'state':<12}{'source'}")
@@ -134,8 +135,8 @@ def cmd_train(args) -> int:
     import torch
 
     from mnist_cnn.data import load_dataset
-    from mnist_cnn.data.catalog import NOTEBOOK_ACCURACY
     from mnist_cnn.distributed import current_world, destroy
+    from mnist_cnn.figures import notebook_accuracy
     from mnist_cnn.models import build_model
     from mnist_cnn.recipes import resolve_recipe
     from mnist_cnn.rundir import default_run_dir
@@ -169,7 +170,7 @@ def cmd_train(args) -> int:
     summary = result.summary
     if main:
         line = f"final test accuracy {summary['test_accuracy']:.4f}"
-        reference = NOTEBOOK_ACCURACY.get(summary["dataset"])
+        reference = notebook_accuracy(summary["dataset"])
         if reference is not None:
             line += f" (notebook: {reference:.4f})"
         print(f"{line}, {summary['train_seconds']:.1f} s of training; run directory {out}")

@@ -65,10 +65,15 @@ def sample_grid(images, labels, classes, title: str, path) -> Path:
     return image_grid(images, captions, title, path)
 
 
+def notebook_accuracy(dataset: str) -> float | None:
+    from mnist_cnn.data.catalog import spec_for
+
+    spec = spec_for(dataset)
+    return spec.course.accuracy if spec and spec.course else None
+
+
 def training_curves(history: list[dict], dataset: str, recipe: str, path) -> Path:
     """Train/test loss and test accuracy against epochs and against training seconds."""
-    from mnist_cnn.data.catalog import NOTEBOOK_ACCURACY
-
     epochs = [r["epoch"] for r in history]
     seconds = [r["seconds"] for r in history]
     acc = [r["test_accuracy"] for r in history]
@@ -79,7 +84,7 @@ def training_curves(history: list[dict], dataset: str, recipe: str, path) -> Pat
     ax_loss.plot(epochs, [r["test_loss"] for r in history], "s-", label="test loss")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss", yscale="log")
     ax_loss.legend()
-    reference = NOTEBOOK_ACCURACY.get(Path(dataset).name)
+    reference = notebook_accuracy(dataset)
     # Leave out the untrained point so the interesting range is visible.
     shown = [i for i, r in enumerate(history) if r["epoch"] > 0] or list(range(len(history)))
     for ax, xs, label in ((ax_acc, epochs, "epoch"), (ax_time, seconds, "training seconds")):

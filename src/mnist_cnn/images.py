@@ -11,7 +11,6 @@ taken as it is.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -156,5 +155,9 @@ def load_image(source, style: str = "digit") -> torch.Tensor:
 
 
 def style_for(dataset: str) -> str:
-    """How a data set's images were made: `fashion` for Fashion-MNIST, else `digit`."""
-    return "fashion" if "fashion" in Path(dataset).name.lower() else "digit"
+    """How a data set's images were made, as its catalogue entry declares: `fashion` (the
+    item fills the frame) or `digit` (the default, also for a folder of IDX files)."""
+    from mnist_cnn.data.catalog import spec_for
+
+    spec = spec_for(dataset)
+    return spec.image_style if spec else "digit"

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from mnist_cnn.cache import kernels_dir
 from mnist_cnn.cpu import cpu_flags
 
 SOURCE = "_pool2x2.c"
@@ -100,10 +101,8 @@ def _build(source: bytes, target: Path, flags: tuple[str, ...]) -> None:
 
 
 def _library_path(source: bytes, flags: tuple[str, ...]) -> Path:
-    from mnist_cnn.data.fetch import cache_root
-
     key = hashlib.sha256(source + " ".join(flags).encode() + platform.machine().encode())
-    return cache_root() / "kernels" / f"pool2x2-{key.hexdigest()[:16]}.so"
+    return kernels_dir() / f"pool2x2-{key.hexdigest()[:16]}.so"
 
 
 def _compiled_library() -> ctypes.CDLL:

