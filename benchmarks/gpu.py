@@ -24,9 +24,9 @@ import torch
 from measure import load_limited, median_seconds, seconds_per_epoch
 
 from mnist_cnn import UserError, build_model, evaluate, fit
-from mnist_cnn.data.catalog import NOTEBOOK_ACCURACY
+from mnist_cnn.data.catalog import CATALOG
 from mnist_cnn.recipes import resolve_recipe
-from mnist_cnn.train import select_device
+from mnist_cnn.device import select_device
 
 DATASETS = ("mnist", "fashion-mnist")
 
@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         run = train(data[name], "fast", seed, args.device)
         lines.append(
             f"| fast | {name} | {seed} | {run.test_accuracy:.4f} | "
-            f"{NOTEBOOK_ACCURACY[name]:.4f} | {run.summary['train_seconds']:.2f} |"
+            f"{CATALOG[name].course.accuracy:.4f} | {run.summary['train_seconds']:.2f} |"
         )
     run = train(data["mnist"], "seed", args.seeds[0], args.device, epochs=args.seed_epochs)
     lines.append(
         f"| seed | mnist | {args.seeds[0]} | {run.test_accuracy:.4f} | "
-        f"{NOTEBOOK_ACCURACY['mnist']:.4f} | {run.summary['train_seconds']:.2f} |"
+        f"{CATALOG['mnist'].course.accuracy:.4f} | {run.summary['train_seconds']:.2f} |"
     )
     per_epoch = seconds_per_epoch(run.history)
     seconds = eval_seconds(run.model, data["mnist"], device, args.eval_repeats)

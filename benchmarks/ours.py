@@ -22,7 +22,7 @@ from measure import (
 )
 
 from mnist_cnn import UserError, build_model, evaluate, fit, resolve_recipe
-from mnist_cnn.train import resolve_precision, select_device
+from mnist_cnn.device import resolve_precision, select_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         target=args.target,
         side="ours",
         recipe=recipe.name,
-        precision=resolve_precision(result.recipe, select_device("auto")),
+        precision=resolve_precision(result.recipe.precision, select_device("auto")),
     )
     report(record, args.json)
     return 0

@@ -54,7 +54,7 @@ def test_train_refuses_bad_settings(run_cli, tiny_idx_folder, tmp_path):
     cases = [
         (["train", "--dataset", "nope"], "unknown data set"),
         (["train", "--dataset", str(folder), "--epochs", "0"], "more than 0"),
-        (["train", "--dataset", str(folder), "--lr", "-1"], "learning rate"),
+        (["train", "--dataset", str(folder), "--lr", "-1"], "--lr: -1 must be more than 0"),
         (["train", "--dataset", str(folder), "--recipe", "nope"], "unknown recipe"),
         (["train", "--dataset", str(folder), "--device", "cuda"], "CUDA"),
     ]

@@ -13,7 +13,7 @@ from digit_strokes import draw_digit, photo_like
 from mnist_cnn.errors import UserError
 from mnist_cnn.images import MAX_PIXELS, load_image, prepare_array, read_grayscale
 from mnist_cnn.predict import predict_records
-from mnist_cnn.rundir import load_model
+from mnist_cnn.run import load_model
 
 DIGITS = [str(i) for i in range(10)]
 
@@ -45,7 +45,7 @@ def test_explain_writes_filters_and_feature_maps(run_cli, trained_run, tmp_path)
     assert_not_blank(maps, 400)
     assert maps.shape[0] > filters.shape[0]  # three stages of maps, one row of filters
     code, _, err = run_cli("explain", str(trained_run), "--index", "-1")
-    assert code == 2 and "out of range" in err
+    assert code == 2 and "0..2147483648" in err
 
 
 def test_stage_outputs_show_each_stage_once_for_every_model():

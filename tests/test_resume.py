@@ -23,7 +23,8 @@ from mnist_cnn.data.catalog import FILE_NAMES
 from mnist_cnn.data.idx import write_idx
 from mnist_cnn.distributed import World, shard
 from mnist_cnn.errors import UserError
-from mnist_cnn.rundir import RUN_FILES
+from mnist_cnn.io import TEMP_SUFFIX
+from mnist_cnn.run import LOCK, RUN_FILES
 from mnist_cnn.train import TrainingInterrupted, epoch_permutation, resume_run
 
 
@@ -85,7 +86,7 @@ def test_interrupted_then_resumed_run_is_bit_identical(
     with pytest.raises(TrainingInterrupted) as stopped:
         train(digits_folder, out, log=interrupt_at_k, eval_every=1e-9)  # evaluate every step
     assert stopped.value.step == stop_after_evaluations - 1
-    assert load_checkpoint(out / "checkpoint.pt")["step"] == stop_after_evaluations - 1
+    assert load_checkpoint(out / "checkpoint.pt").state.step == stop_after_evaluations - 1
     result = resume_run(out, log=None, progress=False)
     assert same_weights(weights(out), weights(uninterrupted))
     steps = [row["step"] for row in result.history]
@@ -124,11 +125,13 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint_and_resume_completes(digit
     time.sleep(rng.uniform(0, 0.5))  # somewhere in epoch 2 or later
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    state = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
-    assert state["step"] % 20 == 0 and state["step"] >= 20
+    checkpoint = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert checkpoint.state.step % 20 == 0 and checkpoint.state.step >= 20
     # A write cut short leaves only a hidden temp file, never a run file that lies.
     for path in (tmp_path / "killed").iterdir():
-        assert path.name in RUN_FILES or (path.name.startswith(".") and path.suffix == ".tmp")
+        assert path.name in (*RUN_FILES, LOCK) or (
+            path.name.startswith(".") and path.suffix == TEMP_SUFFIX
+        )
     if not (tmp_path / "killed" / "summary.json").exists():
         done = subprocess.run(
             [sys.executable, "-m", "mnist_cnn", "train", "--resume", "killed"],
@@ -136,7 +139,7 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint_and_resume_completes(digit
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
     assert same_weights(weights(tmp_path / "killed"), weights(tmp_path / "whole"))
-    assert not list((tmp_path / "killed").glob(".*.tmp"))  # resume cleared any leftover
+    assert not list((tmp_path / "killed").glob(f".*{TEMP_SUFFIX}"))  # resume cleared leftovers
 
 
 def test_sigint_exits_130_with_a_checkpoint_and_says_how_to_resume(digits_folder, tmp_path):
@@ -148,8 +151,8 @@ def test_sigint_exits_130_with_a_checkpoint_and_says_how_to_resume(digits_folder
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "--resume run" in err and "Traceback" not in err
-    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert state["step"] > 0 and "optimizer" in state and "rng" in state
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert checkpoint.state.step > 0 and checkpoint.optimizer["state"]
 
 
 def test_non_finite_loss_stops_naming_the_step(run_cli, digits_folder, tmp_path):
@@ -268,7 +271,7 @@ def test_a_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(
         train(digits_folder, out)
     assert "the last complete checkpoint is kept" in str(failed.value)
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
-    assert load_checkpoint(out / "checkpoint.pt")["step"] == 20  # epoch 1, intact
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files
+    assert load_checkpoint(out / "checkpoint.pt").state.step == 20  # epoch 1, intact
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK]
     result = resume_run(out, log=None, progress=False)
     assert result.history[-1]["step"] == 40

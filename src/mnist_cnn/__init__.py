@@ -1,27 +1,42 @@
-"""mnist-cnn: train, evaluate, explain and serve small CNNs on MNIST and Fashion-MNIST."""
+"""mnist-cnn: train, evaluate, explain and serve small CNNs on MNIST and Fashion-MNIST.
 
-from mnist_cnn.data import Dataset, Split, load_dataset
-from mnist_cnn.errors import DatasetError, UserError
-from mnist_cnn.metrics import Evaluation, evaluate
-from mnist_cnn.models import build_model
-from mnist_cnn.recipes import Recipe, resolve_recipe
-from mnist_cnn.rundir import load_model
-from mnist_cnn.train import TrainResult, fit
+The public names are imported on first use, so that `mnist-cnn --help` and argument
+errors answer without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Dataset",
-    "DatasetError",
-    "Evaluation",
-    "Recipe",
-    "Split",
-    "TrainResult",
-    "UserError",
-    "build_model",
-    "evaluate",
-    "fit",
-    "load_dataset",
-    "load_model",
-    "resolve_recipe",
-]
+_PUBLIC = {
+    "Dataset": "mnist_cnn.data",
+    "Split": "mnist_cnn.data",
+    "load_dataset": "mnist_cnn.data",
+    "DatasetError": "mnist_cnn.errors",
+    "UserError": "mnist_cnn.errors",
+    "Evaluation": "mnist_cnn.metrics",
+    "evaluate": "mnist_cnn.metrics",
+    "build_model": "mnist_cnn.models",
+    "Recipe": "mnist_cnn.recipes",
+    "resolve_recipe": "mnist_cnn.recipes",
+    "Run": "mnist_cnn.run",
+    "load_model": "mnist_cnn.run",
+    "TrainResult": "mnist_cnn.train",
+    "fit": "mnist_cnn.train",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'mnist_cnn' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

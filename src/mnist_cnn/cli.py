@@ -7,11 +7,13 @@ Exit codes: 0 success, 1 unexpected failure, 2 bad input or usage (one line on s
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from mnist_cnn.errors import UserError
-from mnist_cnn.train import TrainingInterrupted
+from mnist_cnn.errors import TrainingInterrupted, UserError
 
 PROG = "mnist-cnn"
 
@@ -23,14 +25,39 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _int_in(low: int, high: int):
+    """An argparse type: an integer in low..high."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must lie in {low}..{high}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    """An argparse type: a finite number in low..high (above low if `low_open`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not (math.isfinite(value) and (value > low if low_open else value >= low)
+                and value <= high):  # fmt: skip
+            side = "more than" if low_open else "at least"
+            raise argparse.ArgumentTypeError(f"{text} must be {side} {low:g} and at most {high:g}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_in(1, 1_000_000_000)
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -114,33 +141,10 @@ def cmd_data_show(args) -> int:
 # --- train, evaluate, predict --------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    value = _nonnegative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
-    return value
-
-
 def cmd_train(args) -> int:
-    import torch
-
-    from mnist_cnn.data import load_dataset
     from mnist_cnn.distributed import current_world, destroy
     from mnist_cnn.figures import notebook_accuracy
-    from mnist_cnn.models import build_model
-    from mnist_cnn.recipes import resolve_recipe
-    from mnist_cnn.rundir import default_run_dir
-    from mnist_cnn.train import fit, resume_run
+    from mnist_cnn.train import resume_run, train_new
 
     main = current_world().is_main
     say = print if main else (lambda *a, **k: None)
@@ -149,21 +153,13 @@ def cmd_train(args) -> int:
             if args.out or args.overwrite:
                 raise UserError("--resume continues RUN_DIR in place: drop --out/--overwrite")
             result = resume_run(args.resume, device=args.device, threads=args.threads)
-            out = args.resume
         else:
-            recipe = resolve_recipe(
-                args.recipe, dataset=args.dataset, epochs=args.epochs,
+            result = train_new(
+                args.dataset, args.recipe, seed=args.seed, device=args.device, out=args.out,
+                overwrite=args.overwrite, threads=args.threads, log=say,
+                data_log=lambda msg: say(msg, file=sys.stderr), epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                 precision=args.precision,
-            )  # fmt: skip
-            ds = load_dataset(args.dataset, log=lambda msg: say(msg, file=sys.stderr))
-            out = args.out or default_run_dir(ds.name, recipe.name)
-            torch.manual_seed(args.seed)
-            model = build_model(recipe.model, num_classes=ds.num_classes)
-            say(f"training '{recipe.model}' on {ds.name} with recipe '{recipe.name}' -> {out}")
-            result = fit(
-                model, ds, recipe, seed=args.seed, device=args.device, out=out,
-                overwrite=args.overwrite, threads=args.threads, log=say,
             )  # fmt: skip
     finally:
         destroy()
@@ -173,12 +169,14 @@ def cmd_train(args) -> int:
         reference = notebook_accuracy(summary["dataset"])
         if reference is not None:
             line += f" (notebook: {reference:.4f})"
-        print(f"{line}, {summary['train_seconds']:.1f} s of training; run directory {out}")
+        print(f"{line}, {summary['train_seconds']:.1f} s of training; "
+              f"run directory {result.run_dir}")  # fmt: skip
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from mnist_cnn.reports import CONFUSION, MISTAKES, REPORT, evaluate_run
+    from mnist_cnn.reports import evaluate_run
+    from mnist_cnn.run import CONFUSION, MISTAKES, REPORT
 
     report = evaluate_run(args.run_dir, args.split)
     print(f"{report['dataset']} {report['split']}: {report['images']} images")
@@ -199,37 +197,34 @@ def cmd_predict(args) -> int:
 
     import torch
 
-    from mnist_cnn.data import load_dataset
-    from mnist_cnn.images import load_image, style_for
+    from mnist_cnn.images import load_image
     from mnist_cnn.predict import predict_records
-    from mnist_cnn.rundir import CONFIG, load_model, read_json
+    from mnist_cnn.run import Run
 
     if bool(args.images) == (args.index is not None):
         raise UserError("give image files or --index N (one of the two)")
-    model = load_model(args.run_dir)
-    config = read_json(Path(args.run_dir) / CONFIG)
-    classes = config["classes"]
+    run = Run(args.run_dir)
+    model = run.load_model()
     if args.index is not None:
-        test = load_dataset(config["dataset"]).test
+        test = run.dataset.test
         if not 0 <= args.index < len(test):
             raise UserError(f"--index {args.index} is out of range: the test set has "
                             f"{len(test)} images (0..{len(test) - 1})")  # fmt: skip
         images = test.images[args.index : args.index + 1]
         names = [f"test[{args.index}]"]
     else:
-        style = style_for(config["dataset"])
-        images = torch.stack([load_image(path, style) for path in args.images])
+        images = torch.stack([load_image(path, run.image_style) for path in args.images])
         names = [str(p) for p in args.images]
-    records = predict_records(model, images, names, classes, args.top_k)
+    records = predict_records(model, images, names, run.classes, args.top_k)
     for record in records:
         if args.json:
-            print(json.dumps(record))
+            print(json.dumps(record, allow_nan=False))
         else:
             others = ", ".join(f"{t['class_name']} {t['probability']:.4f}" for t in record["top_k"])
             print(f"{record['input']}: {record['class_name']}  (top {len(record['top_k'])}: "
                   f"{others})")  # fmt: skip
     sys.stdout.flush()
-    _write_prediction_figures(args, model, images, names, classes)
+    _write_prediction_figures(args, model, images, names, run.classes)
     return 0
 
 
@@ -273,8 +268,17 @@ def cmd_explain(args) -> int:
 def cmd_export(args) -> int:
     from mnist_cnn.export import PARITY_TOLERANCE, export_onnx
 
-    path, parity = export_onnx(args.run_dir, args.out)
-    print(f"wrote {path}")
+    if args.runtime is not None and args.format != "web":
+        raise UserError("--runtime is for --format web: add --format web, or drop --runtime")
+    if args.format == "web":
+        from mnist_cnn.web import export_web
+
+        path, parity, size = export_web(args.run_dir, args.out, args.runtime)
+        print(f"wrote {path}/ ({size / 1e6:.1f} MB): serve it with any static server, "
+              f"e.g. python -m http.server -d {path}")  # fmt: skip
+    else:
+        path, parity = export_onnx(args.run_dir, args.out)
+        print(f"wrote {path}")
     print(f"parity with PyTorch on {parity.images} test images: {parity.classes_agree} classes "
           f"agree, max probability difference {parity.max_probability_difference:.1e} "
           f"(limit {PARITY_TOLERANCE:.0e})")  # fmt: skip
@@ -292,19 +296,6 @@ def cmd_serve(args) -> int:
                         "pip install 'mnist-cnn[serve]'") from None  # fmt: skip
     serve(args.run_dir, args.host, args.port)
     return 0
-
-
-def cmd_bench(args) -> int:
-    """Forward to benchmarks/harness.py: it lives in the source checkout, not in the package."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "harness.py"
-    if not path.is_file():
-        raise UserError(f"{path} not found: `{PROG} bench` needs a source checkout of mnist-cnn")
-    spec = importlib.util.spec_from_file_location("mnist_cnn_bench_harness", path)
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
-    return harness.main(args.harness_args, prog=f"{PROG} bench")
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -340,17 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe", default="seed",
         help="seed (the notebook), fast (its accuracy in the least time), best (accuracy)",
     )  # fmt: skip
-    p.add_argument("--epochs", type=_positive_float, help="passes over the data (may be 1.5)")
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_float_in(0, 10_000, low_open=True),
+                   help="passes over the data (may be 1.5)")  # fmt: skip
+    p.add_argument("--batch-size", type=_int_in(1, 1_000_000))
+    p.add_argument("--lr", type=_float_in(0, 1e6, low_open=True), help="learning rate")
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
-        "--threads", type=_positive_int,
+        "--threads", type=_int_in(1, 1024),
         help="CPU threads (default: every core it may use; two runs at once: give each half)",
     )  # fmt: skip
     p.add_argument(
-        "--eval-every", type=_nonnegative_float, metavar="SECONDS",
+        "--eval-every", type=_float_in(0, 1e9), metavar="SECONDS",
         help="evaluate every SECONDS of training and after each epoch (0: after epochs only)",
     )  # fmt: skip
     p.add_argument(
@@ -370,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("predict", help="classify image files or a test image")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
-    p.add_argument("--index", type=int, metavar="N", help="test image N of the run's data set")
+    p.add_argument("--index", type=_int_in(0, 2**31), metavar="N",
+                   help="test image N of the run's data set")  # fmt: skip
     p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per input, per line")
     p.add_argument("--plot", type=Path, metavar="FILE.png",
@@ -381,37 +374,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("explain", help="filters.png and feature_maps.png for a test image")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--index", type=int, required=True, metavar="N", help="test image N")
+    p.add_argument("--index", type=_int_in(0, 2**31), required=True, metavar="N",
+                   help="test image N")  # fmt: skip
     p.add_argument("--out", type=Path, metavar="DIR", help="folder for the PNGs (default RUN_DIR)")
     p.set_defaults(func=cmd_explain)
 
-    p = commands.add_parser("export", help="ONNX model with its preprocessing contract")
+    p = commands.add_parser("export", help="ONNX model, or the web page that runs it offline")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", type=Path, metavar="FILE", help="default RUN_DIR/model.onnx")
+    p.add_argument("--format", default="onnx", choices=["onnx", "web"],
+                   help="onnx: a model file; web: a static page that runs it")  # fmt: skip
+    p.add_argument("--out", type=Path, metavar="FILE|DIR",
+                   help="default RUN_DIR/model.onnx, or the folder RUN_DIR/web")  # fmt: skip
+    p.add_argument("--runtime", type=Path, metavar="FILE.tgz",
+                   help="web: onnxruntime-web's npm tarball, if offline")  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("serve", help="web page and JSON API: draw a digit, see the answer")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000,
+                   help="default 8000; 0 picks a free port")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
-    # prefix_chars="+": every argument after `bench`, options included, goes to the harness.
-    p = commands.add_parser(
-        "bench", help="benchmark training against plain PyTorch", add_help=False, prefix_chars="+"
-    )
-    p.add_argument("harness_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.warnoptions and not os.environ.get("PYTHONWARNINGS"):
+        # A library's warning is not the user's to act on; errors come as one line.
+        warnings.simplefilter("ignore")
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        # The file system said no to a path the user chose (or one under it).
+        where = exc.filename or "a file"
+        print(f"{PROG}: error: cannot use {where} ({exc.strerror}): check the path and its "
+              "permissions", file=sys.stderr)  # fmt: skip
         return 2
     except TrainingInterrupted as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

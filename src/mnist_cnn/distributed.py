@@ -13,12 +13,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mnist_cnn.errors import UserError
+
+# What torchrun sets for each worker; WORLD_SIZE > 1 without the others is not torchrun.
+ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 
 @dataclass(frozen=True)
 class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # processes of this job on this machine
 
     @property
     def is_main(self) -> bool:
@@ -31,14 +37,28 @@ class World:
 
 def current_world() -> World:
     """The process group torchrun describes in the environment (one process otherwise)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    values = {}
+    for name in ENV[:4]:
+        text = os.environ.get(name, "")
+        try:
+            values[name] = int(text) if text else None
+        except ValueError:
+            raise UserError(f"{name}={text!r} is not an integer: unset it or start with "
+                            "torchrun") from None  # fmt: skip
+    size = values["WORLD_SIZE"]
+    if size is None or size <= 1:
         return World()
-    return World(
-        rank=int(os.environ["RANK"]),
-        size=size,
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    missing = [name for name in ENV if not os.environ.get(name)]
+    if missing:
+        raise UserError(
+            f"WORLD_SIZE={size} but {', '.join(missing)} not set: start distributed training "
+            "with torchrun (see the README), or unset WORLD_SIZE"
+        )
+    rank, local_rank, local_size = values["RANK"], values["LOCAL_RANK"], values["LOCAL_WORLD_SIZE"]
+    if not (0 <= rank < size and 0 <= local_rank < local_size <= size):
+        raise UserError(f"RANK={rank}, LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_size} do "
+                        f"not fit WORLD_SIZE={size}: start with torchrun")  # fmt: skip
+    return World(rank=rank, size=size, local_rank=local_rank, local_size=local_size)
 
 
 def init_process_group(world: World, device: torch.device) -> None:

@@ -7,3 +7,12 @@ class UserError(Exception):
 
 class DatasetError(UserError):
     """A data set file or folder is missing, malformed or fails its checksum."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training; a checkpoint was written when there is a run dir."""
+
+    def __init__(self, step: int, run_dir=None):
+        self.step, self.run_dir = step, run_dir
+        where = f"; resume with `mnist-cnn train --resume {run_dir}`" if run_dir else ""
+        super().__init__(f"interrupted at step {step}{where}")

@@ -7,15 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_cnn import rundir
-from mnist_cnn.data import load_dataset
+from mnist_cnn.data.batches import to_input
 from mnist_cnn.errors import UserError
 from mnist_cnn.figures import conv_filters, feature_maps
-from mnist_cnn.metrics import to_input
+from mnist_cnn.metrics import predict_logits, uses_channels_last
 from mnist_cnn.models import MirrorAveraged
-
-FILTERS = "filters.png"
-FEATURE_MAPS = "feature_maps.png"
+from mnist_cnn.run import FEATURE_MAPS, FILTERS, Run
 
 
 @torch.inference_mode()
@@ -41,7 +38,7 @@ def stage_outputs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, torc
         for i, module in enumerate(feeders)
     ]
     try:
-        model(to_input(image.unsqueeze(0)))
+        model(to_input(image.unsqueeze(0), uses_channels_last(model)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -50,34 +47,30 @@ def stage_outputs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, torc
 
 def explain_run(run_dir: str | Path, index: int, out: str | Path | None = None) -> list[Path]:
     """Write filters.png and feature_maps.png for test image `index` of the run's data."""
-    run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir
-    model = rundir.load_model(run_dir)
-    config = rundir.read_json(run_dir / rundir.CONFIG)
-    test = load_dataset(config["dataset"]).test
+    run = Run(run_dir)
+    model = run.load_model()
+    test = run.dataset.test
     if not 0 <= index < len(test):
         raise UserError(
             f"--index {index} is out of range: the test set has {len(test)} images "
             f"(0..{len(test) - 1})"
         )
-    classes = config["classes"]
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    name = Path(str(config["dataset"])).name
+    name = Path(run.dataset_name).name
     filters = conv_filters(
         first.weight,
         f"{name}: the {first.out_channels} learned 3x3 filters of the first convolution",
-        out / FILTERS,
+        run.output(FILTERS, out),
     )
     image = test.images[index]
-    label = classes[int(test.labels[index])]
-    with torch.inference_mode():
-        probs = torch.softmax(model(to_input(image.unsqueeze(0))), dim=1)[0]
-    predicted = classes[int(probs.argmax())]
+    label = run.classes[int(test.labels[index])]
+    probs = torch.softmax(predict_logits(model, image.unsqueeze(0)), dim=1)[0]
+    predicted = run.classes[int(probs.argmax())]
     maps = feature_maps(
         image,
         stage_outputs(model, image),
         f"{name} test[{index}] (true {label}, predicted {predicted}): "
         "what each convolution stage computes",
-        out / FEATURE_MAPS,
+        run.output(FEATURE_MAPS, out),
     )
     return [filters, maps]

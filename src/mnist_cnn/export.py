@@ -9,10 +9,10 @@ metadata so that a consumer outside Python needs nothing else.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn import __version__, rundir
-from mnist_cnn.data import load_dataset
+from mnist_cnn import __version__
+from mnist_cnn.data import Split
+from mnist_cnn.data.batches import to_input
 from mnist_cnn.errors import UserError
-from mnist_cnn.metrics import to_input
+from mnist_cnn.io import atomic_path
+from mnist_cnn.metrics import predict_logits
+from mnist_cnn.models import MirrorAveraged
+from mnist_cnn.run import ONNX, Run
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -41,6 +45,31 @@ class WithSoftmax(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(images), dim=-1)
+
+
+class WithStages(WithSoftmax):
+    """Probabilities, then each convolution stage's maps as extra outputs `stage1`, ...:
+    ReLU of what feeds each max pooling, the maps `explain` draws (the web page's layer
+    view shows them). A mirror-averaging model runs its network twice; the first run is
+    the image as given, and its maps are the ones returned."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        modules = list((model.net if isinstance(model, MirrorAveraged) else model).modules())
+        self.feeders = [
+            modules[i - 1] for i, m in enumerate(modules) if isinstance(m, nn.MaxPool2d)
+        ]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps: list[torch.Tensor] = []
+        hooks = [f.register_forward_hook(lambda _m, _i, out: maps.append(torch.relu(out)))
+                 for f in self.feeders]  # fmt: skip
+        try:
+            probabilities = super().forward(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return (probabilities, *maps[: len(self.feeders)])
 
 
 @dataclass(frozen=True)
@@ -81,72 +110,87 @@ def _require_onnx():
     return onnx, onnxruntime
 
 
-def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, Parity]:
+def export_onnx(
+    run_dir: str | Path, out: str | Path | None = None, *, stages: bool = False
+) -> tuple[Path, Parity]:
     """Write RUN_DIR's model as ONNX (default RUN_DIR/model.onnx), then check parity.
+
+    `stages`: also output each convolution stage's maps (`WithStages`).
 
     The file is written to a temp name and renamed only after the parity check passes.
     """
     onnx, _ = _require_onnx()
-    run_dir = Path(run_dir)
-    model = rundir.load_model(run_dir)
-    config = rundir.read_json(run_dir / rundir.CONFIG)
-    out = Path(out) if out is not None else run_dir / "model.onnx"
-    if out.parent and not out.parent.is_dir():
+    run = Run(run_dir)
+    model = run.load_model()
+    config = run.config
+    out = run.output(ONNX) if out is None else Path(out)
+    if not out.parent.is_dir():
         raise UserError(f"{out.parent} is not a folder: choose another --out")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    wrapped = WithSoftmax(model).eval()
+    # Traced in the default layout: the graph then needs no layout conversions.
+    wrapper = WithStages if stages else WithSoftmax
+    wrapped = wrapper(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(2, 1, 28, 28)
     batch = torch.export.Dim("batch", min=1)
     try:
-        with _quiet():
-            program = torch.onnx.export(
-                wrapped,
-                (example,),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes={"images": {0: batch}},
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-        proto = program.model_proto
-        metadata = {
-            "mnist_cnn_version": __version__,
-            "dataset": str(config["dataset"]),
-            "model": config["recipe"]["model"],
-            "input_shape": json.dumps(["N", 1, 28, 28]),
-            "input_scale": "float32 = uint8 / 255, in [0, 1]",
-            "input_layout": "NCHW, one channel, light ink on a dark background",
-            "preprocessing": "MNIST-style: grayscale, inverted if the background is light, "
-            "cropped to the ink, fit in 20x20, centred by mass in 28x28",
-            "output": "class probabilities (softmax), shape [N, K]",
-            "class_names": json.dumps(list(config["classes"])),
-        }
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(tmp))
-        parity = check_parity(tmp, model, config["dataset"])
-        if not parity.ok:
-            raise UserError(
-                f"ONNX parity check failed: {parity.classes_agree}/{parity.images} classes "
-                f"agree, max probability difference {parity.max_probability_difference:.2e}"
-            )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic_path(out) as tmp:
+            program = _export(wrapped, example, batch, len(getattr(wrapped, "feeders", ())))
+            _write_model(onnx, program.model_proto, _metadata(config), tmp)
+            parity = check_parity(tmp, model, run.dataset.test)
+            if not parity.ok:
+                raise UserError(
+                    f"ONNX parity check failed: {parity.classes_agree}/{parity.images} classes "
+                    f"agree, max probability difference {parity.max_probability_difference:.2e}"
+                )
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise UserError(f"cannot write {out} ({reason}): choose another --out") from None
     return out, parity
 
 
-def check_parity(onnx_path: Path, model: nn.Module, dataset: str) -> Parity:
+def _export(wrapped: nn.Module, example: torch.Tensor, batch, stages: int = 0):
+    with _quiet():
+        return torch.onnx.export(
+            wrapped,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME, *(f"stage{i + 1}" for i in range(stages))],
+            dynamic_shapes={"images": {0: batch}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def _metadata(config: dict) -> dict[str, str]:
+    """The preprocessing contract, carried in the model so a consumer needs nothing else."""
+    return {
+        "mnist_cnn_version": __version__,
+        "dataset": str(config["dataset"]),
+        "model": config["recipe"]["model"],
+        "input_shape": json.dumps(["N", 1, 28, 28]),
+        "input_scale": "float32 = uint8 / 255, in [0, 1]",
+        "input_layout": "NCHW, one channel, light ink on a dark background",
+        "preprocessing": "MNIST-style: grayscale, inverted if the background is light, "
+        "cropped to the ink, fit in 20x20, centred by mass in 28x28",
+        "output": "class probabilities (softmax), shape [N, K]",
+        "class_names": json.dumps(list(config["classes"])),
+    }
+
+
+def _write_model(onnx, proto, metadata: dict[str, str], path: Path) -> None:
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def check_parity(onnx_path: Path, model: nn.Module, test: Split) -> Parity:
     """Run the ONNX file in onnxruntime beside PyTorch on the first 1,000 test images."""
     _, ort = _require_onnx()
-    images = load_dataset(dataset).test.images[:PARITY_IMAGES]
-    x = to_input(images)
-    with torch.inference_mode():
-        expected = torch.softmax(model(x), dim=-1).numpy()
+    images = test.images[:PARITY_IMAGES]
+    expected = torch.softmax(predict_logits(model, images), dim=-1).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: to_input(images).numpy()})[0]
     return Parity(
         images=len(images),
         classes_agree=int((got.argmax(1) == expected.argmax(1)).sum()),

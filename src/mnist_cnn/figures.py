@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,20 +14,21 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from mnist_cnn.errors import UserError
+from mnist_cnn.io import atomic_path
+
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Save `fig` as PNG through a temp file + rename, close it, return the path."""
+    """Save `fig` as PNG atomically, close it, return the path; a place that cannot be
+    written is the user's to fix (one clear error)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.fchmod(fd, 0o644)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise UserError(f"cannot write {path} ({reason}): choose another path") from None
     finally:
         plt.close(fig)
     return path

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_cnn.data import Split
+from mnist_cnn.data.batches import to_input
 
 # Seconds to evaluate the 10,000 MNIST test images on 2 cores by batch size (inference
 # mode, channels-last): 100: 0.14, 250: 0.15, 500: 0.19, 1000: 0.33, all at once: 0.66,
@@ -54,12 +55,6 @@ class Evaluation:
             }
             for i in range(self.num_classes)
         ]
-
-
-def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [N,28,28] -> float [N,1,28,28] in [0,1], the notebook's Float32.(img)."""
-    x = images.unsqueeze(1).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def model_device(model: nn.Module) -> torch.device:

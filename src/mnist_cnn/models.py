@@ -98,16 +98,6 @@ def seed_cnn(num_classes: int = 10) -> nn.Module:
     return _three_stage_cnn((16, 32, 32), num_classes, (False, False, False))
 
 
-@register("seed-bn")
-def seed_bn_cnn(num_classes: int = 10) -> nn.Module:
-    """The seed network with BatchNorm after each convolution (which then needs no bias).
-
-    BatchNorm lets a much larger learning rate train stably, so far fewer passes over the
-    data reach the seed network's accuracy.
-    """
-    return _three_stage_cnn((16, 32, 32), num_classes, (True, True, True))
-
-
 @register("fast")
 def fast_cnn(num_classes: int = 10) -> nn.Module:
     """The seed network with BatchNorm after its second and third convolutions only.
@@ -118,12 +108,6 @@ def fast_cnn(num_classes: int = 10) -> nn.Module:
     stage 3.24, on stages 2 and 3 only 2.48).
     """
     return _three_stage_cnn((16, 32, 32), num_classes, (False, True, True))
-
-
-@register("wide-bn")
-def wide_bn_cnn(num_classes: int = 10) -> nn.Module:
-    """Twice as many channels (32-64-64) with BatchNorm: more capacity, for accuracy."""
-    return _three_stage_cnn((32, 64, 64), num_classes, (True, True, True))
 
 
 def _deep_stage(c_in: int, widths: tuple[int, ...]) -> list[nn.Module]:

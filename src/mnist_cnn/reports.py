@@ -6,33 +6,30 @@ from pathlib import Path
 
 import torch
 
-from mnist_cnn import rundir
-from mnist_cnn.data import load_dataset
 from mnist_cnn.figures import confusion_matrix, mistakes_grid
+from mnist_cnn.io import write_atomic
 from mnist_cnn.metrics import evaluate
+from mnist_cnn.run import CONFUSION, MISTAKES, REPORT, Run
 
-REPORT = "report.json"
-CONFUSION = "confusion.png"
-MISTAKES = "mistakes.png"
 MISTAKES_SHOWN = 32
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
     """Evaluate a trained run on one split of its data set; write figures and report.json."""
-    run_dir = Path(run_dir)
-    model = rundir.load_model(run_dir)
-    config = rundir.read_json(run_dir / rundir.CONFIG)
-    ds = load_dataset(config["dataset"])
-    classes = tuple(config["classes"])
-    data = ds.split(split)
+    import json
+
+    run = Run(run_dir)
+    model = run.load_model()
+    data = run.dataset.split(split)
+    classes = run.classes
     result = evaluate(model, data)
     per_class = [{"class_name": classes[row["class_index"]], **row} for row in result.per_class()]
-    name = Path(ds.name).name
+    name = Path(run.dataset_name).name
     confusion = result.confusion()
     confusion_matrix(
         confusion, classes,
         f"{name} {split}: confusion matrix (accuracy {result.accuracy:.4f})",
-        run_dir / CONFUSION,
+        run.output(CONFUSION),
     )  # fmt: skip
 
     wrong = torch.nonzero(result.predictions != result.labels).flatten()
@@ -42,10 +39,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
         data.images[worst], result.labels[worst], result.predictions[worst], confidence[worst],
         classes,
         f"{name} {split}: the {len(worst)} most confident of {len(wrong)} mistakes",
-        run_dir / MISTAKES,
+        run.output(MISTAKES),
     )  # fmt: skip
     report = {
-        "dataset": ds.name,
+        "dataset": run.dataset_name,
         "split": split,
         "images": len(data),
         "accuracy": result.accuracy,
@@ -54,5 +51,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
         "per_class": per_class,
         "confusion": confusion.tolist(),
     }
-    rundir.write_json(run_dir / REPORT, report)
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    write_atomic(run.output(REPORT), text.encode())
     return report

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from mnist_cnn.errors import UserError
-from mnist_cnn.images import prepare_array, read_grayscale, style_for
+from mnist_cnn.images import prepare_array, read_grayscale
 from mnist_cnn.predict import predict_records
-from mnist_cnn.rundir import CONFIG, METRICS, SUMMARY, load_model, read_json, read_metrics
+from mnist_cnn.run import Run
 
 
 class ImageRejected(UserError):
@@ -40,13 +40,12 @@ class Predictor:
     """
 
     def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.model = load_model(self.run_dir)
-        config = read_json(self.run_dir / CONFIG)
-        self.classes: list[str] = list(config["classes"])
-        self.style = style_for(config["dataset"])
-        self.info = run_summary(self.run_dir, config)
-        self.info["style"] = self.style
+        run = Run(run_dir)
+        self.run_dir = run.path
+        self.model = run.load_model()
+        self.classes: list[str] = list(run.classes)
+        self.style = run.image_style
+        self.info = {**run.info(), "style": self.style}
         self._lock = threading.Lock()
 
     def prepare(self, data: bytes, name: str) -> torch.Tensor:
@@ -80,24 +79,3 @@ def png_base64(image: torch.Tensor) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image.numpy()).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def run_summary(run_dir: Path, config: dict) -> dict:
-    """summary.json with the run's name and classes; for a run that never finished, what
-    config.json and the last evaluation in metrics.jsonl tell."""
-    path = run_dir / SUMMARY
-    if path.exists():
-        summary = read_json(path)
-    else:
-        recipe = config.get("recipe", {})
-        last = (read_metrics(run_dir / METRICS) or [{}])[-1]
-        summary = {
-            "dataset": config.get("dataset"),
-            "recipe": recipe.get("name"),
-            "model": recipe.get("model"),
-            "epochs": recipe.get("epochs"),
-            "params": config.get("params"),
-            "test_accuracy": last.get("test_accuracy"),
-            "test_loss": last.get("test_loss"),
-        }
-    return {"run": run_dir.resolve().name, **summary, "classes": list(config["classes"])}
