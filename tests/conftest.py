@@ -151,3 +151,28 @@ def live_server(trained_run: Path):
     server.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+# --- web page: `trained_run` exported with --format web --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def web_export(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder `mnist-cnn export trained_run --format web` writes, made once.
+
+    It needs onnxruntime-web in the cache (`make setup` puts it there); without it the
+    tests that use this fixture skip, saying how to provide it.
+    """
+    pytest.importorskip("onnx", reason="export needs the export extra")
+    from mnist_cnn.web import ORT, cached_runtime, how_to_provide
+
+    if cached_runtime() is None:
+        pytest.skip(f"{ORT.label} is not in the cache: {how_to_provide()}")
+    out = tmp_path_factory.mktemp("web") / "page"
+    done = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn", "export", str(trained_run), "--format", "web",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from mnist_cnn.serve.browser import add_browser_routes
 from mnist_cnn.serve.limits import BodyLimit
 from mnist_cnn.serve.predictor import ImageRejected, Predictor
 
@@ -31,8 +32,10 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 MAX_IN_FLIGHT = 64
 STATIC = Path(__file__).parent / "static"
 # The page loads nothing from anywhere but this server; images also come as data: URLs.
+# WebAssembly may be compiled: the page can answer in the browser (serve/browser.py).
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+    "script-src 'self' 'wasm-unsafe-eval'; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     "Cache-Control": "no-cache",
 }
@@ -75,6 +78,7 @@ def create_app(run_dir: str | Path) -> FastAPI:
     app.state.predictor = predictor
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    add_browser_routes(app, predictor)  # model.json, and the model for the browser
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
