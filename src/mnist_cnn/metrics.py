@@ -65,9 +65,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def uses_channels_last(model: nn.Module) -> bool:
-    """Whether the model's first 4-d weight is stored channels-last."""
+    """Whether the model's 4-d weights are stored channels-last (the first whose layout is
+    not ambiguous: a weight with one input channel is contiguous either way)."""
     for p in model.parameters():
-        if p.dim() == 4:
+        if p.dim() == 4 and p.shape[1] > 1:
             return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
     return False
 
