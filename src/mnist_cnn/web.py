@@ -308,6 +308,7 @@ def preparation_contract(style: str) -> dict:
         "size": images.SIZE,
         "digit_box": images.DIGIT_BOX,
         "max_pixels": images.MAX_PIXELS,
+        "formats": getattr(images, "FORMAT_NAMES", "PNG, JPEG, GIF, BMP or WebP"),
         "ink_floor": images.INK_FLOOR,
         "min_contrast": images.MIN_CONTRAST,
         "working_size": images.WORKING_SIZE,

@@ -164,10 +164,26 @@
     return { probs: out[b.output].data, stages: withStages ? b.stages.map((s) => out[s]) : null };
   }
 
+  /** The formats `predict` reads, told by their first bytes (as Pillow tells them). */
+  function knownFormat(head) {
+    const text = String.fromCharCode(...head);
+    return (
+      (head[0] === 0x89 && text.slice(1, 4) === "PNG") ||
+      (head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff) ||
+      text.startsWith("GIF8") ||
+      text.startsWith("BM") ||
+      (text.startsWith("RIFF") && text.slice(8, 12) === "WEBP")
+    );
+  }
+
   async function grayOfPhoto(file, name) {
     const c = config.preparation;
+    const head = new Uint8Array(await file.slice(0, 12).arrayBuffer());
+    if (!knownFormat(head)) {
+      throw new PrepareError(`${name}: not an image file this reads (it reads ${c.formats})`);
+    }
     const unreadable = () =>
-      new PrepareError(`${name}: not an image file this browser can read (PNG, JPEG, ...)`);
+      new PrepareError(`${name}: unreadable image (this browser could not decode it)`);
     // Its size from its header first: a huge picture is refused before it is decoded.
     const url = URL.createObjectURL(file);
     try {
@@ -271,6 +287,7 @@
   async function predict(input, name, source) {
     if (!config) return;
     const id = ++sent;
+    const started = performance.now();
     let record;
     try {
       record =
@@ -280,8 +297,12 @@
     }
     if (id <= shown) return; // a newer request has already been answered, or the page was cleared
     shown = id;
-    if (record.error) showError(record.error);
-    else showAnswer(record, source);
+    if (record.error) {
+      showError(record.error);
+    } else {
+      showAnswer(record, source);
+      performance.measure("mnist-cnn:prediction", { start: started });
+    }
   }
 
   function answerAgain() {
