@@ -188,10 +188,8 @@ def test_without_the_runtime_or_a_network_export_says_how_to_provide_it(
     assert len(err.strip().splitlines()) == 1, err
     assert "onnxruntime-web 1.30.0" in err and "--runtime" in err and "mnist_cnn.web fetch" in err
     assert not (tmp_path / "page").exists()
-    code, _, err = run_cli(
-        "export", trained_run, "--format", "web", "--runtime", tmp_path / "no.tgz"
-    )
-    assert code == 2 and "cannot read it" in err
+    with pytest.raises(UserError, match="cannot read it"):
+        web.provision_runtime(tarball=tmp_path / "no.tgz")
 
 
 # --- the exported folder ------------------------------------------------------------------------

@@ -46,7 +46,11 @@
       if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
       config = await res.json();
     } catch (err) {
-      $("run-info").textContent = `Could not load the model summary (${err.message}).`;
+      const hint =
+        location.protocol === "file:"
+          ? " Open this folder through a web server, e.g. python -m http.server -d FOLDER."
+          : "";
+      $("run-info").textContent = `Could not load the model summary (${err.message}).${hint}`;
       return;
     }
     classes = config.classes;
@@ -79,6 +83,7 @@
     } else if (!config.api) {
       $("run-info").textContent += " · this copy has no model to run";
     }
+    if (mode === "server" && config.api) answerAgain(); // drawn before the page knew its run
   }
 
   function setMode(next) {
