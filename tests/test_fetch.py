@@ -336,7 +336,9 @@ def test_overrides_on_the_real_catalog(monkeypatch):
     monkeypatch.delenv("MNIST_CNN_MIRRORS", raising=False)
     assert configured_sources(mnist) == list(mnist.sources)
     assert [type(s) for s in configured_sources(mnist)] == [PypiWheel, HttpMirror, HttpMirror]
-    assert [type(s) for s in configured_sources(fashion)] == [SystemDir, HttpMirror]
+    assert [type(s) for s in configured_sources(fashion)] == [SystemDir, HttpMirror, HttpMirror]
+    mirrors = [s for spec in CATALOG.values() for s in spec.sources if isinstance(s, HttpMirror)]
+    assert all(m.base_url.startswith("https://") for m in mirrors), mirrors
 
     monkeypatch.setenv("MNIST_CNN_MIRRORS", "http://127.0.0.1:9/x/")
     assert configured_sources(mnist) == [mnist.sources[0], HttpMirror("http://127.0.0.1:9/x/")]

@@ -24,6 +24,7 @@ from mnist_cnn.errors import DatasetError
 __all__ = ["CATALOG", "Dataset", "Split", "load_dataset", "resolve_folder_files"]
 
 IMAGE_SIZE = 28
+MAX_CLASSES = 256  # labels 0..255: a folder's classes are one more than its largest label
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ def load_dataset(name_or_dir: str | Path, log=None) -> Dataset:
     """Load a catalog data set (provisioning it if needed) or an MNIST-format folder.
 
     A folder must hold the four IDX files (each optionally .gz); its classes are 0..K-1,
-    K being one more than the largest label.
+    K being one more than the largest label (at most MAX_CLASSES), and every class of its
+    test split must occur in its training split. Empty splits are refused.
     """
     key = str(name_or_dir)
     if key in CATALOG:
@@ -108,18 +110,46 @@ def resolve_folder_files(folder: Path) -> dict[str, Path]:
 def _load_folder(folder: Path) -> Dataset:
     files = resolve_folder_files(folder)
     arrays = {name: read_idx(path) for name, path in files.items()}
-    labels = np.concatenate([arrays[TRAIN_LABELS].ravel(), arrays[TEST_LABELS].ravel()])
-    if labels.size == 0:
-        raise DatasetError(f"{folder}: the label files are empty")
     for name in (TRAIN_LABELS, TEST_LABELS):
-        if arrays[name].size and arrays[name].min() < 0:
-            raise DatasetError(
-                f"{files[name]}: labels must lie in 0..K-1, "
-                f"found {arrays[name].min()}..{arrays[name].max()}"
-            )
-    num_classes = int(labels.max()) + 1
-    classes = tuple(str(i) for i in range(num_classes))
+        _check_labels(arrays[name], MAX_CLASSES, files[name])
+    train = arrays[TRAIN_LABELS]
+    if train.size == 0:
+        raise DatasetError(
+            f"{files[TRAIN_LABELS]}: the training split is empty: a data set needs "
+            "training images and labels"
+        )
+    test = arrays[TEST_LABELS]
+    largest = max(int(train.max()), int(test.max()) if test.size else 0)
+    classes = tuple(str(i) for i in range(largest + 1))  # _assemble refuses test-only classes
     return _assemble(str(folder), arrays, classes, folder)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where) -> None:
+    """Integer labels of rank 1 in 0..num_classes-1: checked before anything counts classes
+    (a label of 2,000,000,000 would otherwise make as many)."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(
+            f"{where}: expected integer labels of rank 1, got {labels.dtype} rank "
+            f"{labels.ndim}: store one class number per image (IDX type 0x08, unsigned byte)"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetError(
+            f"{where}: labels must lie in 0..{num_classes - 1}, "
+            f"found {labels.min()}..{labels.max()}: number the classes 0..K-1, "
+            f"K at most {MAX_CLASSES}"
+        )
+
+
+def _check_test_classes(train: np.ndarray, test: np.ndarray, where) -> None:
+    """Every class of the test split occurs in the training split: a model cannot learn a
+    class it never sees, and its test accuracy would silently count it wrong."""
+    missing = np.setdiff1d(np.unique(test), np.unique(train))
+    if missing.size:
+        shown = ", ".join(str(i) for i in missing[:10]) + (", ..." if missing.size > 10 else "")
+        raise DatasetError(
+            f"{where}: the test split has classes the training split never shows ({shown}): "
+            "give the training split examples of every class"
+        )
 
 
 def _assemble(name: str, arrays: dict, classes: tuple[str, ...], folder: Path) -> Dataset:
@@ -130,6 +160,12 @@ def _assemble(name: str, arrays: dict, classes: tuple[str, ...], folder: Path) -
     ):
         images, labels = arrays[img_name], arrays[lbl_name]
         where = folder / img_name
+        _check_labels(labels, len(classes), folder / lbl_name)
+        if len(labels) == 0:
+            raise DatasetError(
+                f"{folder / lbl_name}: the {split} split is empty: a data set needs "
+                f"{split} images and labels"
+            )
         if images.dtype != np.uint8 or images.ndim != 3:
             raise DatasetError(
                 f"{where}: expected uint8 images of rank 3, got {images.dtype} rank {images.ndim}"
@@ -138,19 +174,13 @@ def _assemble(name: str, arrays: dict, classes: tuple[str, ...], folder: Path) -
             raise DatasetError(
                 f"{where}: images are {images.shape[1]}x{images.shape[2]}, the models need 28x28"
             )
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise DatasetError(f"{folder / lbl_name}: expected integer labels of rank 1")
         if len(images) != len(labels):
             raise DatasetError(
                 f"{folder / lbl_name}: {len(labels)} labels for {len(images)} images in {where}"
-            )
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise DatasetError(
-                f"{folder / lbl_name}: labels must lie in 0..{len(classes) - 1}, "
-                f"found {labels.min()}..{labels.max()}"
             )
         splits[split] = Split(
             images=torch.from_numpy(np.ascontiguousarray(images)),
             labels=torch.from_numpy(labels.astype(np.int64)),
         )
+    _check_test_classes(arrays[TRAIN_LABELS], arrays[TEST_LABELS], folder / TEST_LABELS)
     return Dataset(name=name, train=splits["train"], test=splits["test"], classes=classes)

