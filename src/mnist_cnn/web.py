@@ -39,7 +39,7 @@ from pathlib import Path
 
 from mnist_cnn.cache import cache_root
 from mnist_cnn.errors import UserError
-from mnist_cnn.io import write_atomic
+from mnist_cnn.io import TEMP_SUFFIX, write_atomic
 
 STATIC = Path(__file__).parent / "serve" / "static"
 PAGE = "index.html"
@@ -391,7 +391,7 @@ def export_web(
     out = Path(out) if out is not None else run.path / "web"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG).is_file():
+    if out.is_dir() and not _holds_only_a_page(out):
         raise UserError(f"{out} is a folder with other files in it: choose an empty or new --out")
     try:
         for folder in (out, out / "static", out / RUNTIME_FOLDER):
@@ -419,6 +419,15 @@ def export_web(
     return out, parity, total
 
 
+def _holds_only_a_page(folder: Path) -> bool:
+    """Empty, or what an earlier (maybe interrupted) export wrote: safe to write over."""
+    ours = {PAGE, CONFIG, MODEL, "static", RUNTIME_FOLDER}
+    return all(
+        p.name in ours or (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX))
+        for p in folder.iterdir()
+    )
+
+
 # --- python -m mnist_cnn.web fetch -----------------------------------------------------------
 
 
@@ -429,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch", help="download and verify it (once), or check it")
-    fetch.add_argument("--tarball", type=Path, help=f"use this {ORT.tarball_name} instead")
+    fetch.add_argument("--runtime", type=Path, metavar="FILE.tgz",
+                       help=f"take it from this {ORT.tarball_name} (from `npm pack`)")  # fmt: skip
     fetch.add_argument("--quiet", action="store_true", help="print nothing on success")
     commands.add_parser("where", help="print the cache folder if the runtime is there")
     args = parser.parse_args(argv)
@@ -441,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             print(folder)
             return 0
         log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-        folder = provision_runtime(ORT, args.tarball, log)
+        folder = provision_runtime(ORT, args.runtime, log)
         if not args.quiet:
             print(folder)
         return 0

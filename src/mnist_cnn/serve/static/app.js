@@ -97,7 +97,11 @@
 
   async function fetchBytes(path) {
     const res = await fetch(path);
-    if (!res.ok) throw new Error(`${path}: ${res.status} ${res.statusText}`);
+    if (!res.ok) {
+      const fallback = `${res.status} ${res.statusText}`;
+      const why = await res.json().then((body) => body.error || fallback, () => fallback);
+      throw new Error(`${path}: ${why}`);
+    }
     return new Uint8Array(await res.arrayBuffer());
   }
 
