@@ -1,9 +1,9 @@
 """One run's model behind a lock: image bytes in, the record `predict --json` prints out.
 
 Nothing here knows about HTTP beyond the status code each kind of bad image deserves, so
-the answers are those of the command line by construction: the same decoding
-(`read_grayscale`), the same MNIST-style preparation for the run's data set
-(`prepare_array` with `style_for`), the same records (`predict_records`).
+the answers are those of the command line by construction: the same decoding (`read_gray8`:
+the same formats, the same pixel limit), the same MNIST-style preparation for the run's
+data set (`prepare_array` with `style_for`), the same records (`predict_records`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from mnist_cnn.errors import UserError
-from mnist_cnn.images import prepare_array, read_grayscale
+from mnist_cnn.images import decode_cost as _decode_cost
+from mnist_cnn.images import open_image, prepare_array, read_gray8
 from mnist_cnn.predict import predict_records
 from mnist_cnn.run import Run
 
@@ -28,6 +29,27 @@ class ImageRejected(UserError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+
+def _rejected(exc: UserError) -> ImageRejected:
+    """413 for an image over the pixel limit, 415 for one that cannot be read."""
+    return ImageRejected(str(exc), 413 if "pixel limit" in str(exc) else 415)
+
+
+def _named(data: bytes, name: str) -> io.BytesIO:
+    source = io.BytesIO(data)
+    source.name = name  # the image readers name the input in their messages
+    return source
+
+
+def decode_cost(data: bytes, name: str) -> int:
+    """The bytes decoding this image file will hold at peak, from its header alone
+    (`mnist_cnn.images.decode_cost`); ImageRejected if it will not be decoded at all."""
+    try:
+        with open_image(_named(data, name)) as image:
+            return _decode_cost(image)
+    except UserError as exc:
+        raise _rejected(exc) from None
 
 
 class Predictor:
@@ -50,13 +72,10 @@ class Predictor:
 
     def prepare(self, data: bytes, name: str) -> torch.Tensor:
         """Image file bytes -> the uint8 [28,28] image the model sees, as `predict` makes it."""
-        source = io.BytesIO(data)
-        source.name = name  # read_grayscale names the input in its messages
         try:
-            gray = read_grayscale(source)
+            gray = read_gray8(_named(data, name))
         except UserError as exc:
-            too_big = "pixel limit" in str(exc)
-            raise ImageRejected(str(exc), 413 if too_big else 415) from None
+            raise _rejected(exc) from None
         try:
             return prepare_array(gray, self.style, name)
         except UserError as exc:
