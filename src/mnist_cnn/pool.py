@@ -12,12 +12,15 @@ test images, float32: 0.150 -> 0.115 s. No library offers this: PyTorch's other 
 (oneDNN) needs its own tensor layout and conversions to and from it.
 
 The kernel is compiled with the system C compiler on first use (0.2 s) and cached beside
-the data (`<cache>/kernels`). It runs for real channels-last CPU tensors in bfloat16 or
-float32, in training and in inference; anything else (other layouts and devices, tracing,
-export, torch.compile) gets PyTorch's `MaxPool2d(2)`, as does everything where no compiler
-works or MNIST_CNN_NATIVE_POOL=1 is set. Results are identical either way:
-tests/test_pool.py checks values and gradients bit for bit, ties and NaN included, and
-that training steps give identical weights.
+the data (`<cache>/kernels`). A cached library is loaded only if this user owns it and its
+folder and nobody else may write either; otherwise it is rebuilt (in a private temporary
+folder if the cache folder itself cannot be trusted), and `kernel_status` says why.
+It runs for real channels-last CPU tensors in bfloat16 or float32, in training and in
+inference; anything else (other layouts and devices, tracing, export, torch.compile) gets
+PyTorch's `MaxPool2d(2)`, as does everything where no compiler works or
+MNIST_CNN_NATIVE_POOL=1 is set. Results are identical either way: tests/test_pool.py
+checks values and gradients bit for bit, ties and NaN included, and that training steps
+give identical weights.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -47,6 +51,7 @@ NATIVE_ENV = "MNIST_CNN_NATIVE_POOL"
 _lock = threading.Lock()
 _kernels: dict[torch.dtype, tuple] | None = None
 _why_not: str | None = None  # why the kernel is unavailable, once known
+_note: str | None = None  # why the cached kernel was not the one loaded, if it was not
 
 
 def _native_forced() -> bool:
@@ -57,7 +62,9 @@ def kernel_status() -> str:
     """'compiled' when pooling runs the C kernel where it applies, else 'pytorch (<why>)'."""
     if _native_forced():
         return f"pytorch ({NATIVE_ENV} is set)"
-    return "compiled" if _load() else f"pytorch ({_why_not})"
+    if not _load():
+        return f"pytorch ({_why_not})"
+    return f"compiled ({_note})" if _note else "compiled"
 
 
 def _compiler() -> str | None:
@@ -97,7 +104,21 @@ def _build(source: bytes, target: Path, flags: tuple[str, ...]) -> None:
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
             raise OSError(f"{compiler} failed: {first}")
+        os.chmod(out, 0o755)  # whatever the umask: writable by this user alone
         os.replace(out, target)
+
+
+def _untrusted(path: Path) -> str | None:
+    """Why a kernel file or folder must not be loaded from, or None: a symbolic link,
+    another user's, or writable by group or others (then anyone could swap the code)."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        return f"{path} is a symbolic link"
+    if info.st_uid != os.getuid():
+        return f"{path} belongs to another user"
+    if info.st_mode & 0o022:
+        return f"{path} may be written by group or others"
+    return None
 
 
 def _library_path(source: bytes, flags: tuple[str, ...]) -> Path:
@@ -108,13 +129,28 @@ def _library_path(source: bytes, flags: tuple[str, ...]) -> Path:
 def _compiled_library() -> ctypes.CDLL:
     """The kernel library: from the cache, else compiled with the best flags that work."""
     source = resources.files("mnist_cnn").joinpath(SOURCE).read_bytes()
+    global _note
     failure: OSError | None = None
     for flags in _flag_choices():
         path = _library_path(source, flags)
         try:
-            if not path.exists():
-                _build(source, path, flags)
-            return ctypes.CDLL(str(path))
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            distrust = _untrusted(path.parent)
+            if distrust is None:
+                distrust = os.path.lexists(path) and _untrusted(path)
+                if distrust or not os.path.lexists(path):
+                    _build(source, path, flags)  # a rename: replaces an untrusted file
+                    _note = f"{distrust}: rebuilt" if distrust else None
+                return ctypes.CDLL(str(path))
+            with tempfile.TemporaryDirectory(prefix="mnist-cnn-kernel-") as private:
+                path = Path(private) / path.name
+                try:
+                    _build(source, path, flags)
+                except OSError as exc:
+                    raise OSError(f"{distrust}, and building elsewhere failed: {exc}") from None
+                library = ctypes.CDLL(str(path))  # stays mapped once the file is gone
+            _note = f"{distrust}: built in a private folder instead"
+            return library
         except OSError as exc:
             failure = failure or exc
     raise failure
