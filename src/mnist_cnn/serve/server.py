@@ -54,9 +54,6 @@ def _raw_json(status: int, reason: str, message: str, retry_after: int | None = 
 
 
 TOO_MANY = _raw_json(503, "Service Unavailable", "too many open connections: try again shortly", 1)
-HEADERS_TOO_SLOW = _raw_json(
-    408, "Request Timeout", f"the request headers did not arrive within {HEADER_TIMEOUT_S} s"
-)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -105,7 +102,17 @@ class GuardedH11Protocol(H11Protocol):
         if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
             return
         if self.conn.trailing_data[0]:  # part of a request came: say why it is dropped
-            self.transport.write(HEADERS_TOO_SLOW)
+            message = f"the request headers did not arrive within {HEADER_TIMEOUT_S:g} s"
+            self.transport.write(_raw_json(408, "Request Timeout", message))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP/1.1, in JSON like every other error."""
+        message = (
+            "not a valid HTTP/1.1 request, or its request line and headers are over "
+            f"{MAX_HEADER_BYTES // 1024} KB"
+        )
+        self.transport.write(_raw_json(400, "Bad Request", message))
         self.transport.close()
 
 
