@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from mnist_cnn.errors import TrainingInterrupted, UserError
+from mnist_cnn.paths import check_output
 
 PROG = "mnist-cnn"
 
@@ -58,6 +59,23 @@ def _float_in(low: float, high: float, low_open: bool = False):
 
 
 _positive_int = _int_in(1, 1_000_000_000)
+
+
+def _check_cache_setting() -> None:
+    """A cache set (MNIST_CNN_CACHE, XDG_CACHE_HOME) where no folder can be is the user's
+    setting to fix: said before any work, in one line."""
+    var = next((v for v in ("MNIST_CNN_CACHE", "XDG_CACHE_HOME") if os.environ.get(v)), None)
+    if var is None:
+        return
+    from mnist_cnn.cache import cache_root
+
+    root = cache_root()
+    blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocker is None or blocker.is_dir():
+        return
+    where = "is a file" if blocker == root else f"cannot be made a folder ({blocker} is a file)"
+    raise UserError(f"{var}={os.environ[var]} {where}: point {var} at a folder (it is made "
+                    "if missing), or unset it")  # fmt: skip
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -125,6 +143,7 @@ def cmd_data_verify(args) -> int:
 
 
 def cmd_data_show(args) -> int:
+    check_output(args.out, "choose another --out")
     from mnist_cnn.data import load_dataset
     from mnist_cnn.figures import sample_grid
 
@@ -142,6 +161,7 @@ def cmd_data_show(args) -> int:
 
 
 def cmd_train(args) -> int:
+    check_output(args.out, "choose another --out", folder=True)
     from mnist_cnn.distributed import current_world, destroy
     from mnist_cnn.figures import notebook_accuracy
     from mnist_cnn.train import resume_run, train_new
@@ -193,13 +213,15 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    for flag, path in (("--plot", args.plot), ("--show-input", args.show_input)):
+        check_output(path, f"choose another {flag}")
     import json
 
     import torch
 
     from mnist_cnn.images import load_image
     from mnist_cnn.predict import predict_records
-    from mnist_cnn.run import Run
+    from mnist_cnn.run import WEIGHTS, Run
 
     if bool(args.images) == (args.index is not None):
         raise UserError("give image files or --index N (one of the two)")
@@ -215,7 +237,8 @@ def cmd_predict(args) -> int:
     else:
         images = torch.stack([load_image(path, run.image_style) for path in args.images])
         names = [str(p) for p in args.images]
-    records = predict_records(model, images, names, run.classes, args.top_k)
+    records = predict_records(model, images, names, run.classes, args.top_k,
+                              weights=run.path / WEIGHTS)  # fmt: skip
     for record in records:
         if args.json:
             print(json.dumps(record, allow_nan=False))
@@ -240,7 +263,9 @@ def _write_prediction_figures(args, model, images, names, classes) -> None:
     from PIL import Image
 
     from mnist_cnn.figures import prediction_plot
+    from mnist_cnn.io import atomic_path
     from mnist_cnn.metrics import predict_logits
+    from mnist_cnn.paths import cannot_write
 
     probs = torch.softmax(predict_logits(model, images), dim=1)
     for i, name in enumerate(names):
@@ -250,14 +275,18 @@ def _write_prediction_figures(args, model, images, names, classes) -> None:
             print(f"wrote {path}", file=sys.stderr)
         if args.show_input:
             path = _numbered(args.show_input, i, len(names))
+            kind = Image.registered_extensions().get(path.suffix.lower(), "PNG")
             try:
-                Image.fromarray(images[i].numpy()).save(path)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"cannot write {path} ({exc})") from None
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    Image.fromarray(images[i].numpy()).save(tmp, format=kind)
+            except OSError as exc:
+                raise cannot_write(path, exc) from None
             print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_explain(args) -> int:
+    check_output(args.out, "choose another --out", folder=True)
     from mnist_cnn.explain import explain_run
 
     for path in explain_run(args.run_dir, args.index, args.out):
@@ -266,6 +295,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_export(args) -> int:
+    check_output(args.out, "choose another --out", folder=args.format == "web")
     from mnist_cnn.export import PARITY_TOLERANCE, export_onnx
 
     if args.runtime is not None and args.format != "web":
@@ -321,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_cmds.add_parser("show", help="write a PNG grid of labelled samples")
     p.add_argument("name", metavar="NAME", help="mnist, fashion-mnist or an MNIST-format folder")
     p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--n", type=_positive_int, default=64, help="how many images (default 64)")
+    # One subplot per image: 256 take ten seconds to draw, 60,000 would take an hour.
+    p.add_argument("--n", type=_int_in(1, 256), default=64,
+                   help="how many images (default 64, at most 256)")  # fmt: skip
     p.add_argument("--out", type=Path, help="PNG path (default NAME-SPLIT-samples.png)")
     p.set_defaults(func=cmd_data_show)
 
@@ -405,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
     try:
         args = build_parser().parse_args(argv)
+        _check_cache_setting()
         return args.func(args)
     except UserError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -54,6 +54,10 @@ def current_world() -> World:
             f"WORLD_SIZE={size} but {', '.join(missing)} not set: start distributed training "
             "with torchrun (see the README), or unset WORLD_SIZE"
         )
+    port = os.environ["MASTER_PORT"]
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise UserError(f"MASTER_PORT={port!r} is not a port (1..65535): start with torchrun, "
+                        "or unset WORLD_SIZE")  # fmt: skip
     rank, local_rank, local_size = values["RANK"], values["LOCAL_RANK"], values["LOCAL_WORLD_SIZE"]
     if not (0 <= rank < size and 0 <= local_rank < local_size <= size):
         raise UserError(f"RANK={rank}, LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_size} do "

@@ -12,7 +12,8 @@ from mnist_cnn.errors import UserError
 from mnist_cnn.figures import conv_filters, feature_maps
 from mnist_cnn.metrics import predict_logits, uses_channels_last
 from mnist_cnn.models import MirrorAveraged
-from mnist_cnn.run import FEATURE_MAPS, FILTERS, Run
+from mnist_cnn.predict import check_finite
+from mnist_cnn.run import FEATURE_MAPS, FILTERS, WEIGHTS, Run
 
 
 @torch.inference_mode()
@@ -55,6 +56,9 @@ def explain_run(run_dir: str | Path, index: int, out: str | Path | None = None) 
             f"--index {index} is out of range: the test set has {len(test)} images "
             f"(0..{len(test) - 1})"
         )
+    image = test.images[index]
+    logits = predict_logits(model, image.unsqueeze(0))
+    check_finite(logits, run.path / WEIGHTS)  # else the figures would show NaN as an answer
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     name = Path(run.dataset_name).name
     filters = conv_filters(
@@ -62,9 +66,8 @@ def explain_run(run_dir: str | Path, index: int, out: str | Path | None = None) 
         f"{name}: the {first.out_channels} learned 3x3 filters of the first convolution",
         run.output(FILTERS, out),
     )
-    image = test.images[index]
     label = run.classes[int(test.labels[index])]
-    probs = torch.softmax(predict_logits(model, image.unsqueeze(0)), dim=1)[0]
+    probs = torch.softmax(logits, dim=1)[0]
     predicted = run.classes[int(probs.argmax())]
     maps = feature_maps(
         image,

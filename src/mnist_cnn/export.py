@@ -28,7 +28,9 @@ from mnist_cnn.errors import UserError
 from mnist_cnn.io import atomic_path
 from mnist_cnn.metrics import predict_logits
 from mnist_cnn.models import MirrorAveraged
-from mnist_cnn.run import ONNX, Run
+from mnist_cnn.paths import cannot_write
+from mnist_cnn.predict import check_finite
+from mnist_cnn.run import ONNX, WEIGHTS, Run
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -124,8 +126,11 @@ def export_onnx(
     model = run.load_model()
     config = run.config
     out = run.output(ONNX) if out is None else Path(out)
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent} is not a folder: choose another --out")
+    if out.is_dir() or not out.parent.is_dir():  # refused before the slow export
+        missing = FileNotFoundError(2, f"no folder {out.parent}")
+        raise cannot_write(out, missing, "choose another --out")
+    # A model that answers NaN cannot pass parity: say why, before the slow export.
+    check_finite(predict_logits(model, run.dataset.test.images[:PARITY_IMAGES]), run.path / WEIGHTS)
     # Traced in the default layout: the graph then needs no layout conversions.
     wrapper = WithStages if stages else WithSoftmax
     wrapped = wrapper(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).eval()
@@ -142,8 +147,7 @@ def export_onnx(
                     f"agree, max probability difference {parity.max_probability_difference:.2e}"
                 )
     except OSError as exc:
-        reason = exc.strerror or exc
-        raise UserError(f"cannot write {out} ({reason}): choose another --out") from None
+        raise cannot_write(out, exc, "choose another --out") from None
     return out, parity
 
 

@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from mnist_cnn.errors import UserError
 from mnist_cnn.io import atomic_path
+from mnist_cnn.paths import cannot_write
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
@@ -27,8 +27,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     except OSError as exc:
-        reason = exc.strerror or exc
-        raise UserError(f"cannot write {path} ({reason}): choose another path") from None
+        raise cannot_write(path, exc) from None
     finally:
         plt.close(fig)
     return path

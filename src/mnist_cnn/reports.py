@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -9,7 +10,8 @@ import torch
 from mnist_cnn.figures import confusion_matrix, mistakes_grid
 from mnist_cnn.io import write_atomic
 from mnist_cnn.metrics import evaluate
-from mnist_cnn.run import CONFUSION, MISTAKES, REPORT, Run
+from mnist_cnn.predict import NonFiniteOutput, check_finite
+from mnist_cnn.run import CONFUSION, MISTAKES, REPORT, WEIGHTS, Run
 
 MISTAKES_SHOWN = 32
 
@@ -23,6 +25,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
     data = run.dataset.split(split)
     classes = run.classes
     result = evaluate(model, data)
+    check_finite(result.probabilities, run.path / WEIGHTS)  # JSON has no NaN
+    if not math.isfinite(result.loss):
+        raise NonFiniteOutput(run.path / WEIGHTS)
     per_class = [{"class_name": classes[row["class_index"]], **row} for row in result.per_class()]
     name = Path(run.dataset_name).name
     confusion = result.confusion()

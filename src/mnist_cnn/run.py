@@ -50,17 +50,19 @@ MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def read_json(path: Path, limit: int = MAX_CONFIG_BYTES) -> dict:
+    """A JSON object from a file of a run directory; a damaged file is one clear error."""
     path = Path(path)
+    fix = "restore it from a backup or train the run again"
     try:
         if path.stat().st_size > limit:
-            raise UserError(f"{path}: larger than {limit} bytes, not a file this tool wrote")
+            raise UserError(f"{path}: larger than {limit} bytes, not a file this tool wrote: {fix}")
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} not found: is {path.parent} a run directory?") from None
     except (OSError, ValueError, RecursionError) as exc:
-        raise UserError(f"{path}: unreadable ({type(exc).__name__})") from None
+        raise UserError(f"{path}: unreadable ({type(exc).__name__}): {fix}") from None
     if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: not a JSON object: {fix}")
     return value
 
 
@@ -87,7 +89,7 @@ def recipe_from_config(config: dict, where: str = CONFIG) -> Recipe:
     try:
         return Recipe(**{k: v for k, v in values.items() if k in fields})
     except (AttributeError, TypeError) as exc:
-        raise UserError(f"{where}: no usable recipe ({exc})") from None
+        raise UserError(f"{where}: no usable recipe ({exc}): train the run again") from None
 
 
 class Run:
@@ -108,7 +110,9 @@ class Run:
         self.recipe = recipe_from_config(self.config, str(self.path / CONFIG))
         classes = self.config["classes"]
         if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-            raise UserError(f"{self.path / CONFIG}: classes must be a list of names")
+            raise UserError(
+                f"{self.path / CONFIG}: classes must be a list of names: train the run again"
+            )
         self.classes: tuple[str, ...] = tuple(classes)
         self.dataset_name = str(self.config["dataset"])
         self.seed = self.config["seed"]
@@ -152,14 +156,14 @@ class Run:
         try:
             state = load_file(str(weights))
         except (SafetensorError, OSError) as exc:
-            raise UserError(f"{weights}: unreadable weights ({exc})") from None
+            raise UserError(f"{weights}: unreadable weights ({exc}): train the run again") from None
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[-1].strip()
             raise UserError(
                 f"{weights} does not fit model '{self.recipe.model}' with "
-                f"{len(self.classes)} classes ({first})"
+                f"{len(self.classes)} classes ({first}): train the run again"
             ) from None
         return fastest_layout(model.to(device)).eval()
 
@@ -272,7 +276,9 @@ class RunWriter:
             path.mkdir(parents=True, exist_ok=True)
             lock = RunLock(path).acquire()
         except OSError as exc:
-            raise UserError(f"cannot write to run directory {path} ({exc.strerror})") from None
+            raise UserError(
+                f"cannot write to run directory {path} ({exc.strerror}): choose another --out"
+            ) from None
         held = [p.name for p in path.iterdir() if p.name != LOCK]
         if held and not overwrite:
             lock.release()

@@ -32,6 +32,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from mnist_cnn.predict import NonFiniteOutput
 from mnist_cnn.serve.browser import add_browser_routes
 from mnist_cnn.serve.limits import MemoryBudget, RequestGuard, ServerBusy
 from mnist_cnn.serve.predictor import ImageRejected, Predictor, decode_cost
@@ -150,7 +151,9 @@ def create_app(run_dir: str | Path) -> FastAPI:
                 limits.budget.release(held)
         except ImageRejected as exc:
             raise ApiError(exc.status, str(exc)) from None
-        if not all(math.isfinite(t["probability"]) for t in record["top_k"]):
+        except NonFiniteOutput:  # predict_records refuses to make a record of NaN
+            record = None
+        if record is None or not all(math.isfinite(t["probability"]) for t in record["top_k"]):
             raise ApiError(
                 500,
                 "the model answers NaN (not a number): the run's weights "
