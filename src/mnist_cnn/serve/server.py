@@ -72,8 +72,21 @@ class GuardedH11Protocol(H11Protocol):
         self._watch_headers()
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self._headers_too_long(data):
+            self.send_400_response("")
+            return
         super().data_received(data)
         self._watch_headers()
+
+    def _headers_too_long(self, data: bytes) -> bool:
+        """Whether the request line and headers that `data` adds to, or ends, are over
+        MAX_HEADER_BYTES (h11 itself counts only what is still incomplete, so a long
+        header block that arrives in one read would pass)."""
+        pending = self.conn.trailing_data[0]
+        tail = pending[-3:]
+        end = (tail + data).find(b"\r\n\r\n")
+        size = len(pending) + (len(data) if end < 0 else end + 4 - len(tail))
+        return size > MAX_HEADER_BYTES
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
