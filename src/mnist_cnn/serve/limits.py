@@ -203,12 +203,15 @@ class RequestGuard:
 class MemoryBudget:
     """`capacity` bytes, granted first come, first served, to whoever holds them at once.
 
-    A request for more than the capacity waits for all of it. Async: waiting holds no
-    thread. One budget per event loop (the app may be run by several, one at a time).
+    A request for more than the capacity waits for all of it; a small one (at most a
+    hundredth of it: an ordinary photo) that fits goes ahead of those waiting, so a queue
+    of big pictures does not hold up everyone else. Async: waiting holds no thread. One
+    budget per event loop (the app may be run by several, one at a time).
     """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
+        self.small = capacity // 100
         self.used = 0
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
 
@@ -227,7 +230,8 @@ class MemoryBudget:
     async def acquire(self, amount: int, timeout_s: float) -> int:
         """Hold `amount` bytes (at most the capacity); TimeoutError after `timeout_s`."""
         amount = max(0, min(amount, self.capacity))
-        if not self._waiters and self.used + amount <= self.capacity:
+        fits = self.used + amount <= self.capacity
+        if fits and (not self._waiters or amount <= self.small):
             self.used += amount
             return amount
         future = asyncio.get_running_loop().create_future()
