@@ -548,3 +548,39 @@ def test_base64_json_upload_still_answers(server):
     response = httpx.post(f"{server.url}/api/predict",
                           json={"image": base64.b64encode(DIGIT).decode()}, timeout=30)  # fmt: skip
     assert response.status_code == 200, response.text
+
+
+# --- the decode budget itself -------------------------------------------------------------------
+
+
+def test_the_decode_budget_is_first_come_first_served_but_small_ones_go_ahead():
+    import asyncio
+
+    from mnist_cnn.serve.limits import MemoryBudget
+
+    async def scenario():
+        budget = MemoryBudget(1000)
+        order = []
+
+        async def hold(name, amount, seconds, wait=5.0):
+            try:
+                held = await budget.acquire(amount, wait)
+            except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
+                order.append(f"{name} timed out")
+                return
+            order.append(name)
+            await asyncio.sleep(seconds)
+            budget.release(held)
+
+        first = asyncio.create_task(hold("big 1", 800, 0.2))
+        await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(hold("big 2", 800, 0.01)),
+                  asyncio.create_task(hold("too big", 5000, 0.01)),  # capped: waits for all
+                  asyncio.create_task(hold("small", 10, 0.01)),
+                  asyncio.create_task(hold("impatient", 900, 0.01, wait=0.05))]  # fmt: skip
+        await asyncio.gather(first, *queued)
+        assert budget.used == 0
+        return order
+
+    order = asyncio.run(scenario())
+    assert order == ["big 1", "small", "impatient timed out", "big 2", "too big"], order
