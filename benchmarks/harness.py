@@ -7,7 +7,6 @@ seconds per epoch, over epochs too); the ratio ours/reference is what to quote, 
 absolute seconds move with the machine while the ratio mostly does not.
 
     python benchmarks/harness.py --dataset mnist --epochs 2 --reps 3
-    mnist-cnn bench --dataset mnist --epochs 2 --reps 3
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ RESULTS = HERE / "RESULTS.md"
 RESULTS_HEADER = """\
 # Benchmark results
 
-Each section below was appended by `benchmarks/harness.py` (also `mnist-cnn bench`). It
+Each section below was appended by `benchmarks/harness.py` (older ones say `mnist-cnn bench`, its former name). It
 trains the seed network with our tool (`benchmarks/ours.py`: `mnist_cnn.fit`, one recipe)
 and with the plain PyTorch a user would write instead (`benchmarks/reference.py`:
 a per-image `Dataset`, `DataLoader(batch_size=128, shuffle=True)`, Adam 1e-3, default

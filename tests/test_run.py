@@ -236,6 +236,8 @@ def test_overwrite_removes_every_file_the_project_wrote_and_nothing_else(digits,
         if not (out / name).exists():
             (out / name).write_bytes(b"from the previous model")
     (out / ".model.onnx.x.partial").write_bytes(b"a write cut short")
+    (out / "web" / "static").mkdir(parents=True)  # an exported page
+    (out / "web" / "index.html").write_text("<html>")
     (out / "notes.txt").write_text("mine")
     train(digits, out, overwrite=True)
     names = {p.name for p in out.iterdir()}

@@ -164,19 +164,26 @@ def cmd_train(args) -> int:
     check_output(args.out, "choose another --out", folder=True)
     from mnist_cnn.distributed import current_world, destroy
     from mnist_cnn.figures import notebook_accuracy
-    from mnist_cnn.train import resume_run, train_new
+    from mnist_cnn.train import Cadence, resume_run, train_new
 
     main = current_world().is_main
     say = print if main else (lambda *a, **k: None)
+    cadence = Cadence.parse(args.checkpoint_every)
     try:
         if args.resume:
-            if args.out or args.overwrite:
-                raise UserError("--resume continues RUN_DIR in place: drop --out/--overwrite")
-            result = resume_run(args.resume, device=args.device, threads=args.threads)
+            if args.out or args.overwrite or args.resume_if_exists:
+                raise UserError("--resume continues RUN_DIR in place: drop --out, --overwrite "
+                                "and --resume-if-exists")  # fmt: skip
+            result = resume_run(args.resume, device=args.device, threads=args.threads,
+                                checkpoint_every=cadence)  # fmt: skip
         else:
+            if args.resume_if_exists and (args.out is None or args.overwrite):
+                raise UserError("--resume-if-exists needs --out RUN_DIR (the run to start or "
+                                "continue) and no --overwrite")  # fmt: skip
             result = train_new(
                 args.dataset, args.recipe, seed=args.seed, device=args.device, out=args.out,
                 overwrite=args.overwrite, threads=args.threads, log=say,
+                resume_if_exists=args.resume_if_exists, checkpoint_every=cadence,
                 data_log=lambda msg: say(msg, file=sys.stderr), epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                 precision=args.precision,
@@ -184,7 +191,10 @@ def cmd_train(args) -> int:
     finally:
         destroy()
     summary = result.summary
-    if main:
+    if main and result.already_finished:
+        print(f"{result.run_dir} has already finished (test accuracy "
+              f"{summary['test_accuracy']:.4f}): nothing to do")  # fmt: skip
+    elif main:
         line = f"final test accuracy {summary['test_accuracy']:.4f}"
         reference = notebook_accuracy(summary["dataset"])
         if reference is not None:
@@ -384,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="RUN_DIR", help="default runs/DATASET-RECIPE-TIME")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument(
+        "--resume-if-exists", action="store_true",
+        help="with --out: start RUN_DIR if new, continue it from its last checkpoint if "
+        "unfinished, do nothing if finished (for restarts by torchrun or a scheduler)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", default="epoch", metavar="N|Ns|epoch",
+        help="a checkpoint every N steps or N seconds of training, besides each epoch's end "
+        "(default: epoch ends only)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("evaluate", help="accuracy, per-class table, confusion + mistakes")

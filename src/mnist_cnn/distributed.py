@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from mnist_cnn.errors import UserError
 
+# How long a process waits for the others to join the process group.
+STORE_TIMEOUT = timedelta(minutes=5)
 # What torchrun sets for each worker; WORLD_SIZE > 1 without the others is not torchrun.
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -66,9 +69,26 @@ def current_world() -> World:
 
 
 def init_process_group(world: World, device: torch.device) -> None:
-    if world.distributed and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not world.distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend=backend)
+        return
+    # torchrun shares its own key-value store with the workers and keeps it across
+    # restarts, while each new process group writes its rendezvous keys under the same
+    # names as the last: a restarted worker could read a peer's address from before the
+    # restart and fail to connect (pytorch/pytorch#135712). Rank 0's process hosts a store
+    # of its own instead, new with every start, on the port after torchrun's.
+    port = int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        port + 1 if port < 65535 else port - 1,
+        world.size,
+        is_master=world.is_main,
+        timeout=STORE_TIMEOUT,
+    )
+    dist.init_process_group(backend=backend, store=store, rank=world.rank, world_size=world.size)
 
 
 def shard(batch: torch.Tensor, world: World) -> torch.Tensor:

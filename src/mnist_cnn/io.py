@@ -43,8 +43,8 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        os.chmod(tmp, mode)
         yield tmp
+        os.chmod(tmp, mode)  # after the writer: some (safetensors) replace the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -40,8 +41,10 @@ MISTAKES = "mistakes.png"
 FILTERS = "filters.png"
 FEATURE_MAPS = "feature_maps.png"
 ONNX = "model.onnx"
+WEB = "web"  # the folder `export --format web` writes by default
 LOCK = ".lock"
-# Every file the project writes into a run directory: what --overwrite clears, and only that.
+# Every file the project writes into a run directory: what --overwrite clears (with the
+# folder WEB), and only that.
 RUN_FILES = (CONFIG, METRICS, SUMMARY, WEIGHTS, CURVES, CHECKPOINT, REPORT, CONFUSION,
              MISTAKES, FILTERS, FEATURE_MAPS, ONNX)  # fmt: skip
 # config.json must name these for the run to be opened at all.
@@ -291,6 +294,8 @@ class RunWriter:
             if overwrite:
                 for name in RUN_FILES:
                     (path / name).unlink(missing_ok=True)
+                if (path / WEB).is_dir() and not (path / WEB).is_symlink():
+                    shutil.rmtree(path / WEB)
             clear_leftovers(path)
         return writer
 

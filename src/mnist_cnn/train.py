@@ -9,6 +9,7 @@ Evaluation runs every `eval_every` seconds of training (the notebook's
 
 from __future__ import annotations
 
+import math
 import platform
 import signal
 import sys
@@ -24,7 +25,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mnist_cnn.checkpoint import Checkpoint, TrainState, run_identity
+from mnist_cnn.checkpoint import (
+    CHECKPOINT,
+    Checkpoint,
+    TrainState,
+    identity_differences,
+    run_identity,
+)
 from mnist_cnn.data import Dataset
 from mnist_cnn.data.batches import Augmentation, Batch, BatchSource, epoch_permutation
 from mnist_cnn.device import autocast, resolve_precision, synchronize, training_device
@@ -34,7 +41,7 @@ from mnist_cnn.metrics import evaluate
 from mnist_cnn.models import count_parameters
 from mnist_cnn.pool import kernel_status
 from mnist_cnn.recipes import Recipe, resolve_recipe
-from mnist_cnn.run import NullWriter, Run, RunWriter, default_run_dir, fastest_layout
+from mnist_cnn.run import CONFIG, NullWriter, Run, RunWriter, default_run_dir, fastest_layout
 
 __all__ = ["TrainResult", "TrainingInterrupted", "epoch_permutation", "fit", "resume_run"]
 
@@ -50,6 +57,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     run_dir: Path | None = None
+    already_finished: bool = False  # `resume_if_exists` found the run complete: nothing ran
 
     @property
     def test_accuracy(self) -> float:
@@ -70,6 +78,7 @@ def fit(
     threads: int | None = None,
     log: Callable[[str], None] | None = print,
     on_step: Callable[[TrainState], None] | None = None,
+    checkpoint_every: Cadence | None = None,
     **overrides,
 ) -> TrainResult:
     """Train `model` on `ds.train` with a recipe; evaluate on `ds.test` as it goes.
@@ -81,6 +90,8 @@ def fit(
     `threads`: CPU threads (None: the cores this process may use, shared among the
     processes of this machine under torchrun).
     `on_step`: called with the training state after every step.
+    `checkpoint_every`: a checkpoint every N steps or seconds of training, besides the one
+    at the end of each epoch (see `Cadence`).
     Keyword overrides (epochs=, batch_size=, lr=, eval_every=, ...) change the recipe.
     Under `torchrun`, trains data-parallel; only rank 0 evaluates, prints and writes.
     """
@@ -103,8 +114,11 @@ def fit(
     batches = training_batches(ds, recipe, seed, dev, world)
     config = run_config(ds, recipe, seed, dev, precision, world, core)
     writer = open_writer(out, overwrite, resume is not None, world, config, state)
+    cadence, last_checkpoint = checkpoint_every or Cadence(), state.train_seconds
 
     def save_checkpoint() -> None:
+        nonlocal last_checkpoint
+        last_checkpoint = state.train_seconds
         saved = replace(state, loss_sum=float(state.loss_sum))
         checkpoint = Checkpoint(run_identity(config), saved, core.state_dict(),
                                 optimizer.state_dict())  # fmt: skip
@@ -113,20 +127,15 @@ def fit(
     def evaluate_now() -> None:
         row = evaluation_row(core, ds.test, state, batches.steps_per_epoch)
         writer.append_metrics(row)
-        say(_eval_line(row) if row["train_loss"] is not None else
-            f"initial test accuracy {row['test_accuracy']:.4f} (untrained; chance is "
-            f"{1 / ds.num_classes:.2f})")  # fmt: skip
+        say(_eval_line(row, ds.num_classes))
 
-    if resume is not None:
-        say(f"resuming at step {state.step} of {len(batches)} "
-            f"(epoch {state.step / batches.steps_per_epoch:.2f})")  # fmt: skip
-    elif world.is_main:
-        evaluate_now()
-    # On CPU a host sync costs nothing, so the loss is checked every step; on a GPU only
-    # every few steps, to keep the device busy.
-    check_every = 1 if dev.type == "cpu" else 25
-    net.train()
     try:
+        if resume is not None:
+            say(f"resuming at step {state.step} of {len(batches)} "
+                f"(epoch {state.step / batches.steps_per_epoch:.2f})")  # fmt: skip
+        elif world.is_main:
+            evaluate_now()
+        net.train()
         with _StopOnSignal() as stop, _Progress(batches, recipe, progress, world) as bar:
             for batch in batches.from_step(state.step):
                 tick = time.perf_counter()
@@ -139,18 +148,15 @@ def fit(
                     synchronize(dev)  # queued kernels are this epoch's training time
                 state.train_seconds += time.perf_counter() - tick
                 bar.update(batch, loss)
-                if any_rank(state.step % check_every == 0 and diverged(loss), world, dev):
-                    raise UserError(
-                        f"training diverged at step {state.step}: the loss is {loss.item():.3g} "
-                        f"(not finite or over {DIVERGED_LOSS:.0e}); lower the learning rate "
-                        "(--lr); the last good checkpoint is kept"
-                    )
+                check_divergence(loss, state.step, world, dev, writer)
                 due = evaluation_due(recipe.eval_every, state.train_seconds, state.last_eval_at)
                 if world.is_main and (batch.end_of_epoch or due):
                     bar.clear()
                     evaluate_now()
                     net.train()
-                if batch.end_of_epoch:
+                if batch.end_of_epoch or cadence.due(
+                    state.step, state.train_seconds, last_checkpoint
+                ):
                     save_checkpoint()
                 if on_step is not None:
                     on_step(state)
@@ -180,7 +186,8 @@ def resume_run(run_dir: str | Path, device: str = "auto", **kwargs) -> TrainResu
         and checkpoint.state.step
         >= training_batches(ds, run.recipe, run.seed, torch.device("cpu"), World()).total_steps
     ):
-        raise UserError(f"{run.path} has already finished: nothing to resume")
+        raise UserError(f"{run.path} has already finished: nothing to resume; start another "
+                        "run with --out, or train this one again with --overwrite")  # fmt: skip
     model = run.build_model()
     try:
         model.load_state_dict(checkpoint.model)
@@ -198,26 +205,91 @@ def train_new(
     *,
     seed: int = 0,
     out: str | Path | None = None,
+    resume_if_exists: bool = False,
     data_log: Callable[[str], None] | None = None,
     log: Callable[[str], None] | None = print,
     **kwargs,
 ) -> TrainResult:
     """What `mnist-cnn train` does: load the data set, build the recipe's model with a
-    seeded initialisation, and fit it into `out` (default runs/DATASET-RECIPE-TIME)."""
+    seeded initialisation, and fit it into `out` (default runs/DATASET-RECIPE-TIME).
+
+    `resume_if_exists`: the same command continues `out` from its last checkpoint when it
+    holds an unfinished run of the same settings, and does nothing when that run has
+    finished (what a scheduler's restart or torchrun's `--max-restarts` needs).
+    """
     from mnist_cnn.data import load_dataset
     from mnist_cnn.models import build_model
 
-    fit_keys = {"device", "overwrite", "progress", "threads", "on_step"}
+    fit_keys = {"device", "overwrite", "progress", "threads", "on_step", "checkpoint_every"}
     options = {k: v for k, v in kwargs.items() if k in fit_keys}
     overrides = {k: v for k, v in kwargs.items() if k not in fit_keys}
     resolved = resolve_recipe(recipe, dataset=str(dataset), **overrides)
     ds = load_dataset(dataset, log=data_log)
     out = Path(out) if out is not None else default_run_dir(ds.name, resolved.name)
+    if resume_if_exists and (out / CONFIG).exists():
+        run = same_run(out, ds, resolved, seed)
+        if run.summary() is not None:
+            return TrainResult(run.load_model(), resolved, run.metrics(), run.summary(),
+                               run.path, already_finished=True)  # fmt: skip
+        if (out / CHECKPOINT).exists():
+            resume_options = {k: v for k, v in options.items() if k != "overwrite"}
+            return resume_run(out, log=log, **resume_options)
+        options["overwrite"] = True  # started, killed before its first checkpoint: again
     torch.manual_seed(seed)
     model = build_model(resolved.model, num_classes=ds.num_classes)
     if log is not None:
         log(f"training '{resolved.model}' on {ds.name} with recipe '{resolved.name}' -> {out}")
     return fit(model, ds, resolved, seed=seed, out=out, log=log, **options)
+
+
+def same_run(out: Path, ds: Dataset, recipe: Recipe, seed: int) -> Run:
+    """The run in `out`, if these settings would produce it; else exit 2 naming the first
+    setting that differs."""
+    run = Run(out)
+    asked = {"dataset": ds.name, "classes": list(ds.classes), "recipe": recipe.to_dict(),
+             "seed": seed}  # fmt: skip
+    differences = identity_differences(run.identity, asked)
+    if differences:
+        what, theirs, ours = differences[0]
+        raise UserError(
+            f"{out} holds a run with {what} {theirs!r:.60}, but this command asks for "
+            f"{ours!r:.60}: repeat the run's own settings to continue it, or choose another --out"
+        )
+    return run
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """How often to write a checkpoint besides each epoch's end: every `steps` optimizer
+    steps, or every `seconds` of training time (None: only at epoch ends)."""
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Cadence:
+        """'epoch', 'N' (steps) or 'Ns' (seconds of training)."""
+        text = text.strip().lower()
+        if text == "epoch":
+            return cls()
+        try:
+            if text.endswith("s"):
+                value = float(text[:-1])
+                if math.isfinite(value) and value > 0:
+                    return cls(seconds=value)
+            elif int(text) > 0:
+                return cls(steps=int(text))
+        except ValueError:
+            pass
+        raise UserError(
+            f"--checkpoint-every {text!r}: give 'epoch', a number of steps (500) or of "
+            "seconds of training (300s)"
+        )
+
+    def due(self, step: int, seconds: float, last_seconds: float) -> bool:
+        if self.steps is not None:
+            return step % self.steps == 0
+        return self.seconds is not None and seconds - last_seconds >= self.seconds
 
 
 # --- the parts ---------------------------------------------------------------------------------
@@ -276,8 +348,24 @@ def train_step(
     return loss
 
 
-def diverged(loss: torch.Tensor) -> bool:
-    return not loss.item() <= DIVERGED_LOSS
+def check_divergence(
+    loss: torch.Tensor, step: int, world: World, device: torch.device, writer
+) -> None:
+    """Stop every rank, naming the step, once the loss is not finite or has exploded.
+
+    On CPU a host sync costs nothing, so the loss is checked every step; on a GPU only
+    every 25 steps, to keep the device busy.
+    """
+    checked = device.type == "cpu" or step % 25 == 0
+    if not any_rank(checked and not loss.item() <= DIVERGED_LOSS, world, device):
+        return
+    kept = "no checkpoint was written before it"
+    if writer.path is not None and (writer.path / CHECKPOINT).exists():
+        kept = f"the last good checkpoint is kept in {writer.path}"
+    raise UserError(
+        f"training diverged at step {step}: the loss is {loss.item():.3g} (not finite or over "
+        f"{DIVERGED_LOSS:.0e}); lower the learning rate (--lr); {kept}"
+    )
 
 
 def evaluation_due(every: float, now: float, last: float) -> bool:
@@ -382,7 +470,10 @@ def _silent(_line: str) -> None:
     pass
 
 
-def _eval_line(row: dict) -> str:
+def _eval_line(row: dict, num_classes: int) -> str:
+    if row["train_loss"] is None:
+        return (f"initial test accuracy {row['test_accuracy']:.4f} (untrained; chance is "
+                f"{1 / num_classes:.2f})")  # fmt: skip
     return (
         f"epoch {row['epoch']:6.2f}  {row['seconds']:7.1f}s  "
         f"train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "

@@ -384,11 +384,11 @@ def export_web(
     ONNX model is exported with its stage outputs and checked against PyTorch.
     """
     from mnist_cnn.export import export_onnx
-    from mnist_cnn.run import Run
+    from mnist_cnn.run import WEB, Run
 
     run = Run(run_dir)
     runtime_folder = provision_runtime(ORT, runtime, log)
-    out = Path(out) if out is not None else run.path / "web"
+    out = Path(out) if out is not None else run.output(WEB)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder: choose another --out")
     if out.is_dir() and not _holds_only_a_page(out):
