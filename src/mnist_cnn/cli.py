@@ -83,7 +83,7 @@ def _check_cache_setting() -> None:
 
 def cmd_data_list(args) -> int:
     from mnist_cnn.cache import cache_root
-    from mnist_cnn.data import CATALOG
+    from mnist_cnn.data.catalog import CATALOG
     from mnist_cnn.data.fetch import cache_status, configured_sources, recorded_source
 
     print(f"cache: {cache_root()}")
@@ -101,7 +101,7 @@ def cmd_data_list(args) -> int:
 
 
 def _dataset_names(names: list[str]) -> list[str]:
-    from mnist_cnn.data import CATALOG
+    from mnist_cnn.data.catalog import CATALOG
 
     for name in names:
         if name not in CATALOG:
@@ -110,7 +110,7 @@ def _dataset_names(names: list[str]) -> list[str]:
 
 
 def cmd_data_fetch(args) -> int:
-    from mnist_cnn.data import CATALOG
+    from mnist_cnn.data.catalog import CATALOG
     from mnist_cnn.data.fetch import provision, recorded_source
 
     for name in _dataset_names(args.names):
@@ -122,7 +122,7 @@ def cmd_data_fetch(args) -> int:
 
 
 def cmd_data_verify(args) -> int:
-    from mnist_cnn.data import CATALOG
+    from mnist_cnn.data.catalog import CATALOG
     from mnist_cnn.data.fetch import cache_status, dataset_dir
 
     bad = []
