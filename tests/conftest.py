@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_cnn.data.catalog import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
+from mnist_cnn.data.catalog import (
+    FILE_NAMES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+)
 from mnist_cnn.data.idx import write_idx
 
 # --- data: synthetic MNIST-format folders and an isolated cache ----------------------------
@@ -66,6 +72,28 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="session")
+def real_digits(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int], Path]:
+    """Factory: `real_digits(n_train, n_test)`: an MNIST-format folder of the first real
+    MNIST digits (made once per size), for tests that must train and learn something."""
+    made: dict[tuple[int, int], Path] = {}
+
+    def make(n_train: int, n_test: int) -> Path:
+        if (n_train, n_test) not in made:
+            from mnist_cnn import load_dataset
+
+            mnist = load_dataset("mnist")
+            folder = tmp_path_factory.mktemp(f"digits-{n_train}-{n_test}")
+            arrays = [mnist.train.images[:n_train], mnist.train.labels[:n_train],
+                      mnist.test.images[:n_test], mnist.test.labels[:n_test]]  # fmt: skip
+            for name, array in zip(FILE_NAMES, arrays, strict=True):
+                write_idx(folder / name, array.numpy().astype(np.uint8))
+            made[n_train, n_test] = folder
+        return made[n_train, n_test]
+
+    return make
 
 
 # --- command line ----------------------------------------------------------------------------

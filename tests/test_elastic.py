@@ -13,30 +13,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from mnist_cnn import load_dataset
-from mnist_cnn.data.catalog import FILE_NAMES
-from mnist_cnn.data.idx import write_idx
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A folder holding `digits/`: 2,560 real training digits (20 steps an epoch), 300 test."""
-    mnist = load_dataset("mnist")
+def workdir(tmp_path_factory, real_digits) -> Path:
+    """A folder holding `digits`: 2,560 real training digits (20 steps an epoch), 300 test."""
     folder = tmp_path_factory.mktemp("elastic")
-    (folder / "digits").mkdir()
-    train, test = mnist.train, mnist.test
-    arrays = [train.images[:2560].numpy(), train.labels[:2560].numpy().astype(np.uint8),
-              test.images[:300].numpy(), test.labels[:300].numpy().astype(np.uint8)]  # fmt: skip
-    for name, array in zip(FILE_NAMES, arrays, strict=True):
-        write_idx(folder / "digits" / name, array)
+    (folder / "digits").symlink_to(real_digits(2560, 300))
     return folder
 
 

@@ -13,8 +13,6 @@ import pytest
 import torch
 
 from mnist_cnn import build_model, fit, load_dataset
-from mnist_cnn.data.catalog import FILE_NAMES
-from mnist_cnn.data.idx import write_idx
 from mnist_cnn.run import CHECKPOINT, CONFIG, LOCK, SUMMARY, WEIGHTS
 
 PREFIX = "mnist-cnn: error: "
@@ -41,15 +39,9 @@ def leftovers(*folders: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
+def digits(real_digits) -> Path:
     """640 training and 200 test digits of MNIST, as an MNIST-format folder."""
-    mnist = load_dataset("mnist")
-    folder = tmp_path_factory.mktemp("digits")
-    arrays = [mnist.train.images[:640], mnist.train.labels[:640].to(torch.uint8),
-              mnist.test.images[:200], mnist.test.labels[:200].to(torch.uint8)]  # fmt: skip
-    for name, array in zip(FILE_NAMES, arrays, strict=True):
-        write_idx(folder / name, array.numpy())
-    return folder
+    return real_digits(640, 200)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,6 @@ from mnist_cnn import build_model, fit, load_dataset
 from mnist_cnn.checkpoint import Checkpoint, TrainState, load_checkpoint, save_checkpoint
 from mnist_cnn.data import Dataset, Split
 from mnist_cnn.data.batches import Augmentation, BatchSource
-from mnist_cnn.data.catalog import FILE_NAMES
-from mnist_cnn.data.idx import write_idx
 from mnist_cnn.distributed import World
 from mnist_cnn.errors import TrainingInterrupted, UserError
 from mnist_cnn.io import TEMP_SUFFIX, atomic_path, clear_leftovers, write_atomic
@@ -174,15 +172,9 @@ def test_an_atomic_write_cut_short_leaves_the_old_file_and_a_temp_file_resume_cl
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Dataset:
+def digits(real_digits) -> Dataset:
     """640 real training digits and 200 test digits, as a folder (so a resume finds it)."""
-    mnist = load_dataset("mnist")
-    folder = tmp_path_factory.mktemp("digits")
-    arrays = [mnist.train.images[:640], mnist.train.labels[:640].to(torch.uint8),
-              mnist.test.images[:200], mnist.test.labels[:200].to(torch.uint8)]  # fmt: skip
-    for name, array in zip(FILE_NAMES, arrays, strict=True):
-        write_idx(folder / name, array.numpy())
-    return load_dataset(folder)
+    return load_dataset(real_digits(640, 200))
 
 
 def train(ds: Dataset, out: Path, seed: int = 0, **kwargs):

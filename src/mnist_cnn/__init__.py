@@ -6,7 +6,7 @@ errors answer without loading PyTorch.
 
 from __future__ import annotations
 
-import importlib
+from mnist_cnn.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -30,13 +30,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'mnist_cnn' has no attribute '{name}'")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC])
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

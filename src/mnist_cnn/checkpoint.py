@@ -60,6 +60,7 @@ class Checkpoint:
     model: dict
     optimizer: dict
 
+
 def run_identity(config: dict) -> dict:
     """The part of a run's config that a checkpoint must match."""
     return {key: config.get(key) for key in IDENTITY}

@@ -27,7 +27,6 @@ class Recipe:
     eval_every: float = 60.0  # seconds of training between evaluations (and each epoch end)
     precision: str = "auto"  # auto (bf16 where native) | bf16 (autocast) | fp32
     channels_last: bool = True
-    eval_batch_size: int = 250
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,7 +13,6 @@ import dataclasses
 import fcntl
 import functools
 import json
-import math
 import os
 import shutil
 import time
@@ -388,8 +387,3 @@ def save_weights(model: nn.Module, path: Path, errors=None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with errors or _WriteErrors(path.parent), atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """JSON has no NaN: a non-finite number is written as null."""
-    return value if value is None or math.isfinite(value) else None

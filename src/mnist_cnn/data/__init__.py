@@ -6,7 +6,7 @@ code (`catalog`, `fetch`, `idx`) load without PyTorch: `mnist-cnn data list` ans
 
 from __future__ import annotations
 
-import importlib
+from mnist_cnn.lazy import lazy_exports
 
 _PUBLIC = {
     "CATALOG": "mnist_cnn.data.catalog",
@@ -19,13 +19,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'mnist_cnn.data' has no attribute '{name}'")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC])
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)
