@@ -7,9 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FASHION_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data compiler browser run test lint format clean
+.PHONY: setup data compiler web-runtime browser run notebook test lint format clean
 
-setup: $(STAMP) data compiler
+setup: $(STAMP) data compiler web-runtime
 
 # torch first, pinned: any other spec pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -32,10 +32,24 @@ run: runs/mnist-seed/summary.json runs/fashion-mnist-seed/summary.json
 runs/%-seed/summary.json: | setup
 	@$(BIN)/mnist-cnn train --dataset $* --recipe seed --out runs/$*-seed --overwrite
 
+# The course notebook, executed again in place with its full settings (10 epochs of the
+# written-out loop and of `fit` on both data sets: a few minutes on 2 cores). Its outputs
+# are committed; `make test` fails when a code cell was edited without running this.
+notebook: | setup
+	@env -u MNIST_CNN_NOTEBOOK_EPOCHS -u MNIST_CNN_NOTEBOOK_TRAIN_LIMIT \
+		$(BIN)/python scripts/run_notebook.py notebooks/cnn_mnist.ipynb
+
 # A C compiler, for the max-pooling kernel (src/mnist_cnn/_pool2x2.c, built on first use).
 compiler:
 	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 \
 		|| ./scripts/apt-install.sh gcc "max pooling will use PyTorch's slower kernel"
+
+# onnxruntime-web, the runtime `export --format web` puts in its page: the npm package's
+# tarball, integrity-checked, into the cache once. Without it, that export says how to
+# provide it and the tests that need it skip.
+web-runtime: $(STAMP)
+	@$(BIN)/python -m mnist_cnn.web fetch --quiet || echo "note: onnxruntime-web is not" \
+		"in the cache; export --format web and its browser tests need it" >&2
 
 # Debian's chromium, for the browser test of the web page (skipped where it can't be had).
 browser:
