@@ -25,8 +25,8 @@ from measure import load_limited, median_seconds, seconds_per_epoch
 
 from mnist_cnn import UserError, build_model, evaluate, fit
 from mnist_cnn.data.catalog import CATALOG
-from mnist_cnn.recipes import resolve_recipe
 from mnist_cnn.device import select_device
+from mnist_cnn.recipes import resolve_recipe
 
 DATASETS = ("mnist", "fashion-mnist")
 

@@ -33,8 +33,8 @@ RESULTS = HERE / "RESULTS.md"
 RESULTS_HEADER = """\
 # Benchmark results
 
-Each section below was appended by `benchmarks/harness.py` (older ones say `mnist-cnn bench`, its former name). It
-trains the seed network with our tool (`benchmarks/ours.py`: `mnist_cnn.fit`, one recipe)
+Each section below was appended by `benchmarks/harness.py` (older ones by its former
+name, `mnist-cnn bench`). It trains the seed network with our tool (`benchmarks/ours.py`: `mnist_cnn.fit`, one recipe)
 and with the plain PyTorch a user would write instead (`benchmarks/reference.py`:
 a per-image `Dataset`, `DataLoader(batch_size=128, shuffle=True)`, Adam 1e-3, default
 initialisation), alternating ours, reference, ours, reference, ... in fresh processes.
