@@ -34,10 +34,11 @@ RESULTS_HEADER = """\
 # Benchmark results
 
 Each section below was appended by `benchmarks/harness.py` (older ones by its former
-name, `mnist-cnn bench`). It trains the seed network with our tool (`benchmarks/ours.py`: `mnist_cnn.fit`, one recipe)
-and with the plain PyTorch a user would write instead (`benchmarks/reference.py`:
-a per-image `Dataset`, `DataLoader(batch_size=128, shuffle=True)`, Adam 1e-3, default
-initialisation), alternating ours, reference, ours, reference, ... in fresh processes.
+name, `mnist-cnn bench`). It trains the seed network with our tool (`benchmarks/ours.py`:
+`mnist_cnn.fit`, one recipe) and with the plain PyTorch a user would write instead
+(`benchmarks/reference.py`: a per-image `Dataset`, `DataLoader(batch_size=128,
+shuffle=True)`, Adam 1e-3, default initialisation), alternating ours, reference, ours,
+reference, ... in fresh processes.
 
 - Every figure is a median: over repetitions, and for seconds per epoch over every epoch
   of every repetition. Training seconds exclude evaluation on both sides. The fastest
