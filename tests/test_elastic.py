@@ -112,9 +112,14 @@ def test_the_same_command_starts_continues_and_then_leaves_a_finished_run_alone(
         assert "resuming at step" in again.stdout
     assert same_weights(workdir / "whole-1", workdir / "again-1")
 
+    # As torchrun leaves a job whose worker died in its last writes: a temp file, no curves.
+    (workdir / "again-1" / "curves.png").unlink()
+    (workdir / "again-1" / ".curves.png.x1y2.partial").write_bytes(b"half a figure")
     done = run([sys.executable, *train_args("again-1")], workdir)
     assert done.returncode == 0 and "has already finished" in done.stdout
     assert "resuming" not in done.stdout
+    assert (workdir / "again-1" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list((workdir / "again-1").glob(".*.partial"))
 
     other = run([sys.executable, *train_args("again-1", epochs="3")], workdir)
     assert other.returncode == 2

@@ -41,7 +41,15 @@ from mnist_cnn.metrics import evaluate
 from mnist_cnn.models import count_parameters
 from mnist_cnn.pool import kernel_status
 from mnist_cnn.recipes import Recipe, resolve_recipe
-from mnist_cnn.run import CONFIG, NullWriter, Run, RunWriter, default_run_dir, fastest_layout
+from mnist_cnn.run import (
+    CONFIG,
+    CURVES,
+    NullWriter,
+    Run,
+    RunWriter,
+    default_run_dir,
+    fastest_layout,
+)
 
 __all__ = ["TrainResult", "TrainingInterrupted", "epoch_permutation", "fit", "resume_run"]
 
@@ -229,6 +237,8 @@ def train_new(
     if resume_if_exists and (out / CONFIG).exists():
         run = same_run(out, ds, resolved, seed)
         if run.summary() is not None:
+            if current_world().is_main:
+                tidy_finished_run(run)
             return TrainResult(run.load_model(), resolved, run.metrics(), run.summary(),
                                run.path, already_finished=True)  # fmt: skip
         if (out / CHECKPOINT).exists():
@@ -240,6 +250,17 @@ def train_new(
     if log is not None:
         log(f"training '{resolved.model}' on {ds.name} with recipe '{resolved.name}' -> {out}")
     return fit(model, ds, resolved, seed=seed, out=out, log=log, **options)
+
+
+def tidy_finished_run(run: Run) -> None:
+    """A job killed as it finished (torchrun stops every worker when one dies, even in the
+    last writes) may have left a temp file, or no curves: clear the one, draw the other."""
+    writer = RunWriter.resume(run.path)
+    try:
+        if not (run.path / CURVES).exists():
+            writer.write_curves(run.metrics(), run.dataset_name, run.recipe.name)
+    finally:
+        writer.close()
 
 
 def same_run(out: Path, ds: Dataset, recipe: Recipe, seed: int) -> Run:
