@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,8 +19,6 @@ MISTAKES_SHOWN = 32
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
     """Evaluate a trained run on one split of its data set; write figures and report.json."""
-    import json
-
     run = Run(run_dir)
     model = run.load_model()
     data = run.dataset.split(split)

@@ -33,7 +33,13 @@ from mnist_cnn.checkpoint import (
     run_identity,
 )
 from mnist_cnn.data import Dataset
-from mnist_cnn.data.batches import Augmentation, Batch, BatchSource, epoch_permutation
+from mnist_cnn.data.batches import (
+    Augmentation,
+    Batch,
+    BatchSource,
+    epoch_permutation,
+    total_steps,
+)
 from mnist_cnn.device import autocast, resolve_precision, synchronize, training_device
 from mnist_cnn.distributed import World, any_rank, current_world, init_process_group, wait_for_all
 from mnist_cnn.errors import TrainingInterrupted, UserError
@@ -189,10 +195,9 @@ def resume_run(run_dir: str | Path, device: str = "auto", **kwargs) -> TrainResu
     run = Run(run_dir)
     checkpoint = run.checkpoint()
     ds = run.dataset
-    if (
-        run.summary() is not None
-        and checkpoint.state.step
-        >= training_batches(ds, run.recipe, run.seed, torch.device("cpu"), World()).total_steps
+    recipe = run.recipe
+    if run.summary() is not None and checkpoint.state.step >= total_steps(
+        recipe.epochs, len(ds.train), recipe.batch_size
     ):
         raise UserError(f"{run.path} has already finished: nothing to resume; start another "
                         "run with --out, or train this one again with --overwrite")  # fmt: skip
@@ -236,11 +241,12 @@ def train_new(
     out = Path(out) if out is not None else default_run_dir(ds.name, resolved.name)
     if resume_if_exists and (out / CONFIG).exists():
         run = same_run(out, ds, resolved, seed)
-        if run.summary() is not None:
+        summary = run.summary()
+        if summary is not None:
             if current_world().is_main:
                 tidy_finished_run(run)
-            return TrainResult(run.load_model(), resolved, run.metrics(), run.summary(),
-                               run.path, already_finished=True)  # fmt: skip
+            return TrainResult(run.load_model(), resolved, run.metrics(), summary, run.path,
+                               already_finished=True)  # fmt: skip
         if (out / CHECKPOINT).exists():
             resume_options = {k: v for k, v in options.items() if k != "overwrite"}
             return resume_run(out, log=log, **resume_options)
