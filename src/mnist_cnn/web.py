@@ -25,15 +25,11 @@ import argparse
 import base64
 import dataclasses
 import hashlib
-import http.client
 import io
 import json
 import os
 import sys
 import tarfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,12 +46,11 @@ RUNTIME_FOLDER = "ort"
 FORMAT = "mnist-cnn web page 1"
 
 REGISTRY = "https://registry.npmjs.org"
-# Downloads are bounded: the pinned tarball is 33 MB; a stalled server gives up after
-# HTTP_TIMEOUT_S without a byte, and the whole download after DOWNLOAD_DEADLINE_S.
+# Downloads are bounded (`mnist_cnn.data.fetch.download`): the pinned tarball is 33 MB;
+# a stalled server is given up after 30 s without a byte, the whole after DOWNLOAD_DEADLINE_S.
 MAX_TARBALL_BYTES = 64 * 1024 * 1024
 MAX_MEMBER_BYTES = 32 * 1024 * 1024
 MAX_MEMBERS = 10_000
-HTTP_TIMEOUT_S = 30
 DOWNLOAD_DEADLINE_S = 600
 
 
@@ -186,28 +181,10 @@ def extract_runtime(
 
 
 def download(url: str, max_bytes: int = MAX_TARBALL_BYTES) -> bytes:
-    """GET `url`, bounded in size and time; UserError (one line) on any failure."""
-    deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
-    try:
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise UserError(f"{url}: {int(length):,} bytes is over the {max_bytes:,} limit")
-            chunks, size = [], 0
-            while chunk := response.read(1 << 20):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise UserError(f"{url}: more than {max_bytes:,} bytes; refusing the rest")
-                if time.monotonic() > deadline:
-                    raise UserError(f"{url}: took more than {DOWNLOAD_DEADLINE_S} s")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except UserError:
-        raise
-    except urllib.error.HTTPError as exc:
-        raise UserError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-        raise UserError(f"{url}: {getattr(exc, 'reason', None) or exc}") from None
+    """GET `url`, bounded in size and time (the data sets' download); one-line UserError."""
+    from mnist_cnn.data.fetch import download as bounded_download
+
+    return bytes(bounded_download(url, max_bytes, DOWNLOAD_DEADLINE_S, retry="try again"))
 
 
 def registry_url() -> str | None:

@@ -231,10 +231,16 @@ def _from_mirror(base_url: str, limits: dict[str, int]) -> dict[str, bytes | byt
     return found
 
 
-def download(url: str, max_bytes: int, deadline_s: float) -> bytearray:
+def download(
+    url: str,
+    max_bytes: int,
+    deadline_s: float,
+    retry: str = "try again, or another mirror (MNIST_CNN_MIRRORS)",
+) -> bytearray:
     """The body at `url`: DatasetError (naming the url) past `max_bytes` or `deadline_s`,
     or on any failure. Read a chunk at a time, each read bounded by HTTP_TIMEOUT_S, so
-    neither a mirror that never stops nor one that sends a byte a minute can hold on."""
+    neither a mirror that never stops nor one that sends a byte a minute can hold on.
+    `retry` says what to do when it is too slow."""
     started = time.monotonic()
     body = bytearray()
     try:
@@ -242,8 +248,8 @@ def download(url: str, max_bytes: int, deadline_s: float) -> bytearray:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise DatasetError(
-                    f"{url}: declares {int(declared):,} bytes, more than the file can be "
-                    f"({max_bytes:,})"
+                    f"{url}: declares {int(declared):,} bytes, over the {max_bytes:,} the "
+                    "file can be"
                 )
             while chunk := response.read1(1 << 16):
                 body += chunk
@@ -254,12 +260,14 @@ def download(url: str, max_bytes: int, deadline_s: float) -> bytearray:
                 if time.monotonic() - started > deadline_s:
                     raise DatasetError(
                         f"{url}: not downloaded within {deadline_s:g} s ({len(body):,} bytes "
-                        "came): try again, or another mirror (MNIST_CNN_MIRRORS)"
+                        f"came): {retry}"
                     )
             if response.length:  # the connection ended before the declared length
                 raise DatasetError(
                     f"{url}: connection closed after {len(body):,} of {int(declared):,} bytes"
                 )
+    except urllib.error.HTTPError as exc:
+        raise DatasetError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         # HTTPException: a dropped connection mid-body (IncompleteRead), a bad status line.
         raise DatasetError(f"{url}: {getattr(exc, 'reason', exc)}") from None
