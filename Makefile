@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FASHION_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data compiler web-runtime browser run notebook test lint format clean
+.PHONY: setup data compiler web-runtime browser run notebook test lint format clean keras-env
 
 setup: $(STAMP) data compiler web-runtime
 
@@ -55,6 +55,22 @@ web-runtime: $(STAMP)
 browser:
 	@test -x /usr/bin/chromium || ./scripts/apt-install.sh chromium "the browser test will skip"
 
+# Keras 3 on TensorFlow (CPU), the optional third side of benchmarks/harness.py, in a venv
+# of its own so that TensorFlow never enters .venv. Not part of setup or test. The project
+# goes in without its dependencies: keras_reference.py reads the cached data through
+# mnist_cnn.data.fetch, which needs numpy only.
+KERAS_VENV  := .venv-keras
+KERAS_STAMP := $(KERAS_VENV)/.installed
+
+keras-env: $(KERAS_STAMP)
+
+$(KERAS_STAMP): benchmarks/requirements-keras.txt pyproject.toml
+	@test -x $(KERAS_VENV)/bin/python || $(PYTHON) -m venv $(KERAS_VENV)
+	@$(KERAS_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+		-r benchmarks/requirements-keras.txt
+	@$(KERAS_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
 lint: $(STAMP)
 	@$(BIN)/ruff check .
 	@$(BIN)/ruff format --check .
@@ -67,4 +83,4 @@ test: setup lint browser
 	@$(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(KERAS_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -6,6 +6,10 @@ inherits the other's memory or threads. Figures are medians over repetitions (an
 seconds per epoch, over epochs too); the ratio ours/reference is what to quote, because
 absolute seconds move with the machine while the ratio mostly does not.
 
+A third side is optional: the same network in Keras 3 on TensorFlow (`keras_reference.py`),
+run by the Python of `.venv-keras` (`make keras-env`) or of `--keras-python`, third in each
+repetition. Without one it is skipped with a note, and the table keeps its two sides.
+
     python benchmarks/harness.py --dataset mnist --epochs 2 --reps 3
 """
 
@@ -27,7 +31,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = {"ours": HERE / "ours.py", "reference": HERE / "reference.py"}
+SCRIPTS = {
+    "ours": HERE / "ours.py",
+    "reference": HERE / "reference.py",
+    "keras": HERE / "keras_reference.py",
+}
+# The Keras side's interpreter: TensorFlow lives in a venv of its own, never in .venv.
+KERAS_PYTHON = HERE.parent / ".venv-keras" / "bin" / "python"
+KERAS_SKIPPED = (
+    "note: the Keras side is skipped: no .venv-keras/bin/python (`make keras-env` "
+    "installs it; or pass --keras-python PATH)"
+)
 RESULTS = HERE / "RESULTS.md"
 
 RESULTS_HEADER = """\
@@ -53,6 +67,10 @@ reference, ... in fresh processes.
   absolute times move with the machine and whatever else it runs.
 - "Other load" is the CPU time used by processes outside the benchmark while it ran, as
   a share of all cores; above a few percent, the absolute seconds are inflated.
+- An optional third side, **keras** (`benchmarks/keras_reference.py`: the same network in
+  Keras 3 on TensorFlow, `model.fit` on numpy arrays), runs after the other two in each
+  repetition where `make keras-env` has installed it; its columns are the Keras figures
+  and **ours / keras**. A section without them says the Keras side was skipped.
 """
 
 
@@ -60,8 +78,9 @@ reference, ... in fresh processes.
 
 
 def side_command(side: str, args: argparse.Namespace, seed: int) -> list[str]:
+    python = str(args.keras_python) if side == "keras" else sys.executable
     command = [
-        sys.executable, str(SCRIPTS[side]), "--json", "--dataset", args.dataset,
+        python, str(SCRIPTS[side]), "--json", "--dataset", args.dataset,
         "--epochs", str(args.epochs), "--seed", str(seed), "--target", str(args.target),
     ]  # fmt: skip
     if side == "ours":
@@ -138,8 +157,11 @@ def ratio(ours: float | None, reference: float | None) -> float | None:
     return ours / reference
 
 
-def table_rows(ours: dict, reference: dict, *, epochs: int, target: float) -> list[list[str]]:
-    """[measure, ours, reference, ours/reference] for each measure, formatted."""
+def table_rows(
+    ours: dict, reference: dict, *, epochs: int, target: float, keras: dict | None = None
+) -> list[list[str]]:
+    """[measure, ours, reference, ours/reference] for each measure, formatted; with `keras`,
+    [measure, ours, reference, keras, ours/reference, ours/keras]."""
 
     def reached(summary: dict) -> str:
         value = summary["time_to_target"]
@@ -152,9 +174,14 @@ def table_rows(ours: dict, reference: dict, *, epochs: int, target: float) -> li
     def fmt_ratio(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
+    others = [reference] if keras is None else [reference, keras]
+
+    def cells(label: str, key: str, show) -> list[str]:
+        values = [show(summary) for summary in (ours, *others)]
+        return [label, *values, *(fmt_ratio(ratio(ours[key], o[key])) for o in others)]
+
     def row(label: str, key: str, digits: int) -> list[str]:
-        return [label, f"{ours[key]:.{digits}f}", f"{reference[key]:.{digits}f}",
-                fmt_ratio(ratio(ours[key], reference[key]))]  # fmt: skip
+        return cells(label, key, lambda summary: f"{summary[key]:.{digits}f}")
 
     n_test = f"{ours['test_images']:,}"
     return [
@@ -165,20 +192,22 @@ def table_rows(ours: dict, reference: dict, *, epochs: int, target: float) -> li
             2,
         ),
         row(f"seconds to evaluate {n_test} test images", "eval_seconds", 3),
-        [
-            f"training seconds to {target:g} test accuracy",
-            reached(ours),
-            reached(reference),
-            fmt_ratio(ratio(ours["time_to_target"], reference["time_to_target"])),
-        ],
+        cells(f"training seconds to {target:g} test accuracy", "time_to_target", reached),
         row("peak RSS (MB)", "peak_rss_mb", 0),
         row(f"test accuracy after {epochs} epochs", "test_accuracy", 4),
     ]
 
 
+HEADERS = {
+    4: ["measure", "ours", "reference", "ours / reference"],
+    6: ["measure", "ours", "reference", "keras", "ours / reference", "ours / keras"],
+}
+
+
 def markdown_table(rows: Sequence[Sequence[str]]) -> str:
-    header = ["measure", "ours", "reference", "ours / reference"]
-    lines = [header, ["---", "---:", "---:", "---:"], *rows]
+    """The rows of `table_rows` under their header: two sides, or three with Keras."""
+    header = HEADERS[len(rows[0])]
+    lines = [header, ["---"] + ["---:"] * (len(header) - 1), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
@@ -273,14 +302,24 @@ def results_section(
     other_share: float | None,
     minutes: float,
     records: dict[str, list[dict]] | None = None,
+    keras: dict | None = None,
 ) -> str:
+    """One RESULTS.md section; `keras` is the Keras side's summary, None where it was skipped."""
     title = f"## {when:%Y-%m-%d %H:%M} UTC: {args.dataset}, recipe {args.recipe}"
     load = "unknown" if other_share is None else f"{other_share:.0%} of all cores"
-    settings = (
-        f"ours trains in {ours['precision']}, reference in {reference['precision']}; "
-        f"threads {ours['threads']} / {reference['threads']}"
-    )
-    rows = table_rows(ours, reference, epochs=args.epochs, target=args.target)
+    others = [("reference", reference)] + ([("keras", keras)] if keras else [])
+    precisions = "".join(f", {name} in {summary['precision']}" for name, summary in others)
+    threads = " / ".join(str(s["threads"]) for s in (ours, *(summary for _, summary in others)))
+    settings = f"ours trains in {ours['precision']}{precisions}; threads {threads}"
+    if keras is None:
+        keras_line = "- Keras side: skipped (no Keras python; `make keras-env` installs one)"
+    else:
+        python = short_path(str(args.keras_python or KERAS_PYTHON))
+        keras_line = (
+            f"- Keras side: {keras['versions']}, jit_compile {keras['jit_compile']}, "
+            f"run by `{python}`"
+        )
+    rows = table_rows(ours, reference, epochs=args.epochs, target=args.target, keras=keras)
     lines = [
         title,
         "",
@@ -289,6 +328,7 @@ def results_section(
         f"- Run: {args.reps} repetitions of {args.epochs} epochs per side, "
         f"{minutes:.1f} minutes in all; {settings}",
         f"- Other load while it ran: {load}",
+        keras_line,
     ]
     for side, side_records in (records or {}).items():
         per_rep = "; ".join(", ".join(f"{s:.2f}" for s in r["epoch_seconds"]) for r in side_records)
@@ -336,28 +376,44 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md"
     )
+    parser.add_argument(
+        "--keras-python",
+        type=Path,
+        metavar="PATH",
+        help="the Python that runs the optional Keras side (default .venv-keras/bin/python "
+        "where `make keras-env` made it; skipped without one)",
+    )
     return parser
 
 
-def default_command(argv: Sequence[str]) -> str:
-    def short(path: str) -> str:
-        relative = os.path.relpath(path)
-        return path if relative.startswith("..") else relative
+def short_path(path: str) -> str:
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
-    return shlex.join([short(sys.executable), short(__file__), *argv])
+
+def default_command(argv: Sequence[str]) -> str:
+    return shlex.join([short_path(sys.executable), short_path(__file__), *argv])
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the benchmark; `prog` names the command in help and in the recorded command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.keras_python is not None and not os.access(args.keras_python, os.X_OK):
+        parser.error(f"--keras-python: {args.keras_python} is not an executable file")
+    if args.keras_python is None and os.access(KERAS_PYTHON, os.X_OK):
+        args.keras_python = KERAS_PYTHON
+    if args.keras_python is None:
+        print(KERAS_SKIPPED, file=sys.stderr)
+    sides = ("ours", "reference") if args.keras_python is None else ("ours", "reference", "keras")
     command = f"{prog} {shlex.join(argv)}" if prog else default_command(argv)
     when = datetime.datetime.now(datetime.timezone.utc)
     meter = LoadMeter()
-    records: dict[str, list[dict]] = {"ours": [], "reference": []}
+    records: dict[str, list[dict]] = {side: [] for side in sides}
     try:
         for rep in range(args.reps):
-            for side in ("ours", "reference"):
+            for side in sides:
                 record = run_side(side, args, args.seed + rep)
                 records[side].append(record)
                 seconds = ", ".join(f"{s:.2f}" for s in record["epoch_seconds"])
@@ -370,7 +426,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2 if exc.code == 2 else 1
     ours, reference = summarize(records["ours"]), summarize(records["reference"])
-    rows = table_rows(ours, reference, epochs=args.epochs, target=args.target)
+    keras = summarize(records["keras"]) if "keras" in records else None
+    if keras is not None:  # what the summary drops, for the results section
+        keras.update({k: records["keras"][0].get(k) for k in ("versions", "jit_compile")})
+    rows = table_rows(ours, reference, epochs=args.epochs, target=args.target, keras=keras)
     print(markdown_table(rows))
     if not args.no_record:
         section = results_section(
@@ -382,8 +441,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             other_share=meter.other_share(),
             minutes=(time.monotonic() - meter.wall) / 60,
             records=records,
+            keras=keras,
         )
-        append_results(section)
+        append_results(section, RESULTS)
         print(f"appended to {RESULTS}", file=sys.stderr)
     return 0
 

@@ -66,6 +66,57 @@ def test_script_prints_one_json_line_with_every_key(script):
     assert "final test accuracy" in done.stderr
 
 
+@pytest.fixture(scope="module")
+def keras_python() -> Path:
+    """The Keras side's interpreter (`make keras-env`), if it has TensorFlow; else skip."""
+    python = harness.KERAS_PYTHON
+    if not python.exists():
+        pytest.skip("no .venv-keras: `make keras-env` installs the Keras side")
+    done = subprocess.run([str(python), "-c", "import keras, tensorflow"], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"{python} cannot import TensorFlow and Keras")
+    return python
+
+
+def option_strings(parser) -> set[str]:
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+def test_keras_script_takes_the_same_flags_and_prints_the_same_keys(keras_python):
+    script = str(BENCHMARKS / "keras_reference.py")
+    done = subprocess.run(
+        [str(keras_python), script, *TINY, "--seed", "1", "--target", "0.05",
+         "--eval-repeats", "1", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    record = json.loads(lines[0])
+    assert set(measure.RESULT_KEYS) <= set(record)
+    assert len(record["epoch_seconds"]) == 1 and record["epoch_seconds"][0] > 0
+    assert record["eval_seconds"] > 0
+    assert 0.0 <= record["test_accuracy"] <= 1.0
+    assert record["peak_rss_mb"] > 0
+    assert record["test_images"] == 200
+    assert record["time_to_target"] == pytest.approx(record["epoch_seconds"][0], abs=1e-3)
+    assert record["precision"] == "fp32" and record["threads"] >= 1
+    assert record["side"] == "keras" and "TensorFlow" in record["versions"]
+    assert "epoch 1:" in done.stderr and "final test accuracy" in done.stderr
+
+    helped = subprocess.run([str(keras_python), script, "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0, helped.stderr
+    flags = {word.strip(",[]") for word in helped.stdout.split() if word.startswith(("--", "[--"))}
+    assert flags == option_strings(measure.common_parser("")) - {"-h"}
+
+    refused = subprocess.run(
+        [str(keras_python), script, "--dataset", "no-such-set", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "keras_reference.py: error: unknown data set 'no-such-set'" in refused.stderr
+
+
 def test_script_refuses_an_unknown_data_set_in_one_line():
     done = run_script("reference.py", "--dataset", "no-such-set", "--json")
     assert done.returncode == 2
@@ -168,6 +219,31 @@ def test_table_has_a_row_per_measure_with_both_sides_and_their_ratio():
     assert len(table) == 2 + len(rows)
 
 
+KERAS = [
+    canned([2.5, 2.3], 0.25, 0.978, 800.0, None),
+    canned([2.4, 2.6], 0.35, 0.983, 790.0, 5.0),
+    canned([2.2, 2.4], 0.30, 0.980, 810.0, 4.8),
+]
+
+
+def test_table_with_keras_adds_its_column_and_ours_over_keras():
+    ours, reference, keras = (harness.summarize(r) for r in (OURS, REFERENCE, KERAS))
+    rows = harness.table_rows(ours, reference, epochs=2, target=0.98, keras=keras)
+    by_measure = {row[0]: row[1:] for row in rows}
+    assert by_measure["seconds per epoch"] == ["2.05", "8.00", "2.40", "0.26", "0.85"]
+    assert by_measure["training seconds to 0.98 test accuracy"] == [
+        "4.20 (2 of 3 reps reached it)",
+        "not reached in 2 epochs",
+        "5.00 (2 of 3 reps reached it)",
+        "n/a",
+        "0.84",
+    ]
+    table = harness.markdown_table(rows).splitlines()
+    assert table[0] == "| measure | ours | reference | keras | ours / reference | ours / keras |"
+    assert table[1] == "| --- | ---: | ---: | ---: | ---: | ---: |"
+    assert table[2] == "| seconds per epoch | 2.05 | 8.00 | 2.40 | 0.26 | 0.85 |"
+
+
 def test_results_file_starts_with_the_header_then_gains_one_section_per_run(tmp_path):
     results = tmp_path / "RESULTS.md"
     harness.append_results("## first\n", results)
@@ -198,10 +274,79 @@ def test_results_section_records_command_machine_and_table():
     assert "| seconds per epoch | 2.05 | 8.00 | 0.26 |" in section
 
 
+# --- which sides run -----------------------------------------------------------------------------
+
+
+def fake_sides(monkeypatch, results) -> list[tuple[str, int]]:
+    """Replace the side processes by canned records; return the (side, seed) calls made."""
+    calls = []
+    canned_by_side = {"ours": OURS, "reference": REFERENCE, "keras": KERAS}
+
+    def run_side(side, args, seed):
+        calls.append((side, seed))
+        return canned_by_side[side][seed]
+
+    monkeypatch.setattr(harness, "run_side", run_side)
+    monkeypatch.setattr(harness, "RESULTS", results)
+    return calls
+
+
+def test_harness_skips_the_keras_side_with_a_note_without_a_keras_python(
+    monkeypatch, capsys, tmp_path
+):
+    monkeypatch.setattr(harness, "KERAS_PYTHON", tmp_path / "absent" / "python")
+    results = tmp_path / "RESULTS.md"
+    calls = fake_sides(monkeypatch, results)
+    assert harness.main(["--reps", "2"]) == 0
+    assert calls == [("ours", 0), ("reference", 0), ("ours", 1), ("reference", 1)]
+    out, err = capsys.readouterr()
+    assert err.splitlines()[0] == harness.KERAS_SKIPPED
+    assert "`make keras-env`" in harness.KERAS_SKIPPED
+    assert out.splitlines()[0] == "| measure | ours | reference | ours / reference |"
+    section = results.read_text()
+    assert "- Keras side: skipped (no Keras python; `make keras-env` installs one)" in section
+    assert "threads 2 / 2" in section and "keras," not in section
+
+
+def test_harness_runs_keras_third_in_each_repetition_with_a_keras_python(
+    monkeypatch, capsys, tmp_path
+):
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    results = tmp_path / "RESULTS.md"
+    calls = fake_sides(monkeypatch, results)
+    for record in KERAS:
+        monkeypatch.setitem(record, "versions", "TensorFlow 9.9, Keras 9.9")
+        monkeypatch.setitem(record, "jit_compile", False)
+    assert harness.main(["--reps", "2", "--keras-python", str(python)]) == 0
+    assert [side for side, _ in calls] == ["ours", "reference", "keras"] * 2
+    out, err = capsys.readouterr()
+    assert harness.KERAS_SKIPPED not in err
+    assert out.splitlines()[0].endswith("| keras | ours / reference | ours / keras |")
+    section = results.read_text()
+    assert "reference in fp32, keras in fp32; threads 2 / 2 / 2" in section
+    assert "- Keras side: TensorFlow 9.9, Keras 9.9, jit_compile False, run by `" in section
+    assert "keras, rep by rep: 2.50, 2.30; 2.40, 2.60" in section
+    command = harness.side_command("keras", harness.build_parser().parse_args(
+        ["--keras-python", str(python)]), 0)  # fmt: skip
+    assert command[:2] == [str(python), str(BENCHMARKS / "keras_reference.py")]
+
+
+def test_harness_refuses_a_keras_python_that_is_not_there(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        harness.main(["--keras-python", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2
+    assert "--keras-python: " in capsys.readouterr().err
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 
-def test_harness_end_to_end_prints_a_table_of_both_sides_and_records_nothing(capsys):
+def test_harness_end_to_end_prints_a_table_of_both_sides_and_records_nothing(
+    capsys, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(harness, "KERAS_PYTHON", tmp_path / "absent" / "python")
     before = harness.RESULTS.read_bytes() if harness.RESULTS.exists() else None
     code = harness.main(
         ["--reps", "1", "--epochs", "1", "--train-limit", "2000", "--test-limit", "500",

@@ -1,0 +1,222 @@
+"""A second baseline: the seed network as a Keras 3 user would write it, on TensorFlow (CPU).
+
+The network and training are reference.py's: three 3x3 convolutions (16, 32, 32 filters,
+padding same) each with ReLU and 2x2 max pooling, Flatten (288), Dense(10) on logits,
+sparse softmax cross-entropy, Adam(1e-3), batches of 128 reshuffled every epoch, float32,
+in `keras.Sequential`, `model.compile` and one `model.fit` on numpy arrays, with Keras's
+default initialisation. `jit_compile` is left at Keras's default, "auto", which resolves
+to False (no XLA) on a machine without an accelerator; the record says which it was.
+
+Timing follows measure.py: an epoch runs from `on_epoch_begin` to `on_epoch_end` (the
+first one includes tracing the training step into a graph, as a user pays it), and the
+test pass after each epoch (`model.evaluate`, batches of 1000 as reference.py's) happens
+after the clock stops; evaluation seconds are the median of `--eval-repeats` passes after
+one warm-up. Threads: TensorFlow's default (0, "let the runtime pick") means one per usable
+CPU for both its intra-op and inter-op pools; both are set explicitly to the number of
+usable CPUs, which is what the PyTorch sides run on where a core has one hardware thread
+(PyTorch counts physical cores); every record's `threads` shows the counts side by side.
+
+It runs in its own venv without PyTorch (`make keras-env`), so it cannot import
+measure.py: the flags, the JSON keys and the timing rules are measure.py's, written again
+here (tests/test_benchmarks.py checks both agree). The four IDX files come from the
+project's cache, md5-verified, through `mnist_cnn.data.fetch`, which needs numpy only.
+
+    python benchmarks/keras_reference.py --dataset mnist --epochs 2 --seed 0 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mnist_cnn.data.catalog import (
+    CATALOG,
+    FILE_NAMES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+)
+from mnist_cnn.data.fetch import dataset_dir, provision, read_verified
+from mnist_cnn.data.idx import parse_idx, read_idx
+from mnist_cnn.errors import DatasetError
+
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """measure.common_parser's flags."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder")
+    p.add_argument("--epochs", type=_positive_int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=float, help="report the training seconds until it is reached")
+    p.add_argument("--train-limit", type=_positive_int, metavar="N", help="the first N images only")
+    p.add_argument("--test-limit", type=_positive_int, metavar="N", help="the first N images only")
+    p.add_argument("--eval-repeats", type=_positive_int, default=3, metavar="N",
+                   help="timed evaluations after a warm-up; the median counts")  # fmt: skip
+    p.add_argument(
+        "--json", action="store_true", help="one JSON line on stdout, the rest on stderr"
+    )
+    return p
+
+
+def load_arrays(name: str) -> dict[str, np.ndarray]:
+    """The four arrays of a catalogued data set (fetched into the cache if missing, as
+    `load_dataset` does) or of a folder of IDX files (raw or .gz)."""
+    if name in CATALOG:
+        spec = CATALOG[name]
+        payloads = {n: read_verified(spec, n) for n in FILE_NAMES}
+        if any(p is None for p in payloads.values()):
+            provision(spec)
+            payloads = {n: read_verified(spec, n) for n in FILE_NAMES}
+        if any(p is None for p in payloads.values()):
+            raise DatasetError(f"{dataset_dir(spec)}: files vanished; run `make data`")
+        return {n: parse_idx(p, n) for n, p in payloads.items()}
+    folder = Path(name)
+    if folder.is_dir():
+        found = {n: next((c for c in (folder / n, folder / f"{n}.gz") if c.is_file()), None)
+                 for n in FILE_NAMES}  # fmt: skip
+        if None in found.values():
+            raise DatasetError(f"{folder}: needs all four of {', '.join(FILE_NAMES)}")
+        return {n: read_idx(path) for n, path in found.items()}
+    raise DatasetError(
+        f"unknown data set '{name}': use one of {', '.join(CATALOG)}, or the path of a "
+        f"folder holding the four IDX files ({', '.join(FILE_NAMES)})"
+    )
+
+
+def seed_network(num_classes: int) -> keras.Sequential:
+    return keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1)),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(num_classes),
+        ]
+    )
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Training seconds of each epoch, then the test accuracy with the clock stopped."""
+
+    def __init__(self, x_test: np.ndarray, y_test: np.ndarray):
+        super().__init__()
+        self.x_test, self.y_test = x_test, y_test
+        self.seconds: list[float] = []
+        self.accuracies: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)
+        self.accuracies.append(test_accuracy(self.model, self.x_test, self.y_test))
+
+
+def test_accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    logs = model.evaluate(x, y, batch_size=1000, verbose=0, return_dict=True)
+    return round(float(logs["accuracy"]), 6)  # a float32 metric: 0.498, not 0.49799999594
+
+
+def median_seconds(work, repeats: int) -> float:
+    """measure.median_seconds: the median of `repeats` timed calls after an untimed one."""
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(THREADS)
+    try:
+        arrays = load_arrays(args.dataset)
+    except DatasetError as exc:
+        print(f"keras_reference.py: error: {exc}", file=sys.stderr)
+        return 2
+    train, test = slice(args.train_limit), slice(args.test_limit)
+    x_train = arrays[TRAIN_IMAGES][train, :, :, None].astype("float32") / 255
+    y_train = arrays[TRAIN_LABELS][train].astype("int64")
+    x_test = arrays[TEST_IMAGES][test, :, :, None].astype("float32") / 255
+    y_test = arrays[TEST_LABELS][test].astype("int64")
+    spec = CATALOG.get(args.dataset)
+    num_classes = len(spec.classes) if spec else int(max(y_train.max(), y_test.max(initial=0))) + 1
+
+    keras.utils.set_random_seed(args.seed)
+    model = seed_network(num_classes)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    clock = EpochClock(x_test, y_test)
+    model.fit(x_train, y_train, batch_size=128, epochs=args.epochs, shuffle=True, verbose=0,
+              callbacks=[clock])  # fmt: skip
+
+    eval_seconds = median_seconds(lambda: test_accuracy(model, x_test, y_test), args.eval_repeats)
+    cumulative = np.cumsum(clock.seconds).tolist()
+    reached = [s for s, a in zip(cumulative, clock.accuracies, strict=True)
+               if args.target is not None and a >= args.target]  # fmt: skip
+    record = {
+        "epoch_seconds": [round(s, 4) for s in clock.seconds],
+        "eval_seconds": round(eval_seconds, 4),
+        "test_accuracy": clock.accuracies[-1],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "time_to_target": reached[0] if reached else None,
+        "epoch_accuracies": clock.accuracies,
+        "test_images": len(y_test),
+        "threads": THREADS,
+        "side": "keras",
+        "precision": "fp32",
+        "jit_compile": bool(model.jit_compile),
+        "versions": f"TensorFlow {tf.__version__}, Keras {keras.__version__}",
+    }
+    report(record, args.json)
+    return 0
+
+
+def report(record: dict, as_json: bool) -> None:
+    """measure.report's lines (on stderr when `as_json`, so stdout carries only the JSON)."""
+    out = sys.stderr if as_json else sys.stdout
+    epochs = zip(record["epoch_seconds"], record["epoch_accuracies"], strict=True)
+    for i, (seconds, accuracy) in enumerate(epochs, start=1):
+        print(f"epoch {i}: {seconds:.2f} s of training, test accuracy {accuracy:.4f}", file=out)
+    print(f"evaluation of {record['test_images']} test images: {record['eval_seconds']:.3f} s",
+          file=out)  # fmt: skip
+    print(f"final test accuracy {record['test_accuracy']:.4f}", file=out)
+    if record["time_to_target"] is not None:
+        print(f"target reached after {record['time_to_target']:.2f} s of training", file=out)
+    print(f"peak RSS {record['peak_rss_mb']:.0f} MB", file=out)
+    if as_json:
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
