@@ -279,3 +279,73 @@ def test_a_run_whose_config_lacks_a_key_is_one_clear_error(run_cli, digits, tmp_
         code, _, err = run_cli(*command)
         assert code == 2 and err.count("\n") == 1, err
         assert "config.json lacks dataset" in err
+
+
+# --- a time budget ----------------------------------------------------------------------------
+
+
+def test_epochs_within_budget_keeps_whole_epochs_that_fit_its_share():
+    from mnist_cnn.recipes import BUDGET_SHARE, epochs_within_budget, resolve_recipe
+
+    best = resolve_recipe("best", "fashion-mnist")
+    assert best.budget_s == 600 and best.epochs == 40
+    assert epochs_within_budget(best, 11.5) == 40  # 460 s: inside 80% of 600
+    assert epochs_within_budget(best, 18.1) == int(BUDGET_SHARE * 600 // 18.1) == 26
+    assert epochs_within_budget(best, 1e6) == 1  # never less than one epoch
+    assert epochs_within_budget(resolve_recipe("seed"), 1e6) == 10  # no budget, no cut
+    with pytest.raises(UserError, match="budget"):
+        resolve_recipe("best", budget_s=float("nan"))
+
+
+def test_a_budget_trains_the_epochs_that_fit_records_them_and_resumes_without_retiming(
+    real_digits, digits, tmp_path, monkeypatch
+):
+    import mnist_cnn.train as train_module
+
+    monkeypatch.setattr(train_module, "seconds_per_epoch_probe", lambda *a, **k: 10.0)
+    run = train(digits, tmp_path / "run", epochs=5, budget_s=30)  # 24 s: 2 epochs fit
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["recipe"]["epochs"] == 2 and config["recipe"]["budget_s"] == 30
+    assert config["budget"]["epochs_asked"] == 5 and config["budget"]["epochs"] == 2
+    assert run.summary["epochs"] == 2 and [r["epoch"] for r in run.history][-1] == 2
+    plain = train(digits, tmp_path / "plain", epochs=2)  # the same arithmetic, no budget
+    expected, got = plain.model.state_dict(), run.model.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+    # Interrupted, then continued by the same command: the recorded count, no new timing.
+    def interrupt(state: TrainState) -> None:
+        if state.step == 7:
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted):
+        train(digits, tmp_path / "again", epochs=5, budget_s=30, on_step=interrupt)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a resumed run timed its steps again")
+
+    monkeypatch.setattr(train_module, "seconds_per_epoch_probe", no_probe)
+    from mnist_cnn.train import train_new
+
+    resumed = train_new(str(real_digits(640, 200)), "seed", out=tmp_path / "again", log=None,
+                        resume_if_exists=True, epochs=5, budget_s=30, eval_every=0,
+                        progress=False)  # fmt: skip
+    got = resumed.model.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_the_probe_leaves_the_model_and_every_random_generator_as_they_were(digits):
+    from mnist_cnn.recipes import resolve_recipe
+    from mnist_cnn.train import seconds_per_epoch_probe, training_batches
+
+    torch.manual_seed(0)
+    model = build_model("seed").to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = resolve_recipe("seed", augment_shift=2)
+    batches = training_batches(digits, recipe, 0, torch.device("cpu"), World())
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    seconds = seconds_per_epoch_probe(model, recipe, batches, "fp32", torch.device("cpu"))
+    assert 0 < seconds < 60
+    assert torch.equal(torch.rand(4), expected)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -186,7 +186,7 @@ def cmd_train(args) -> int:
                 resume_if_exists=args.resume_if_exists, checkpoint_every=cadence,
                 data_log=lambda msg: say(msg, file=sys.stderr), epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-                precision=args.precision,
+                precision=args.precision, budget_s=args.budget,
             )  # fmt: skip
     finally:
         destroy()
@@ -390,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"],
         help="auto (the default): bf16 autocast where the hardware has it natively, else fp32",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget", type=_float_in(0, 1e8), metavar="SECONDS",
+        help="train at most the epochs that fit in 80%% of SECONDS here, timed over a few "
+        "steps first (0: no limit; the best recipe's is 600)",
     )  # fmt: skip
     p.add_argument("--out", type=Path, metavar="RUN_DIR", help="default runs/DATASET-RECIPE-TIME")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from mnist_cnn.errors import UserError
@@ -27,12 +28,20 @@ class Recipe:
     eval_every: float = 60.0  # seconds of training between evaluations (and each epoch end)
     precision: str = "auto"  # auto (bf16 where native) | bf16 (autocast) | fp32
     channels_last: bool = True
+    # Seconds of training the recipe must stay within, on whatever CPU it runs (0: no
+    # limit). A new run times a few training steps first and trains at most the epochs that
+    # fit in BUDGET_SHARE of it; config.json records the count (see `epochs_within_budget`).
+    budget_s: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 RECIPES: dict[str, Recipe] = {}
+
+# The share of a recipe's budget its projected training time may take: the rest covers
+# the evaluation after each epoch and a slower stretch than the one measured.
+BUDGET_SHARE = 0.8
 
 
 def _add(recipe: Recipe) -> Recipe:
@@ -67,7 +76,7 @@ BEST = _add(
         name="best", model="deep-bn", epochs=20, batch_size=128, lr=3e-3,
         optimizer="adamw", weight_decay=5e-4, schedule="warmup-linear", warmup=0.1,
         label_smoothing=0.1, augment_shift=2, augment_rotate=10, augment_scale=0.1,
-        eval_every=0,
+        eval_every=0, budget_s=600,
     )
 )  # fmt: skip
 
@@ -104,9 +113,20 @@ def _check(recipe: Recipe) -> Recipe:
         problems.append(f"augment_rotate must lie in 0..45 degrees (got {recipe.augment_rotate})")
     if not 0 <= recipe.augment_scale <= 0.5:
         problems.append(f"augment_scale must lie in 0..0.5 (got {recipe.augment_scale})")
+    if not 0 <= recipe.budget_s < 1e9:
+        problems.append(f"budget must be 0 (none) or a number of seconds (got {recipe.budget_s})")
     if problems:
         raise UserError("; ".join(problems))
     return recipe
+
+
+def epochs_within_budget(recipe: Recipe, seconds_per_epoch: float) -> float:
+    """The recipe's epochs, or fewer whole ones (at least 1) if those would take more than
+    BUDGET_SHARE of its budget at `seconds_per_epoch`."""
+    if recipe.budget_s <= 0 or seconds_per_epoch <= 0:
+        return recipe.epochs
+    fitting = math.floor(BUDGET_SHARE * recipe.budget_s / seconds_per_epoch)
+    return min(recipe.epochs, max(1, fitting))
 
 
 def resolve_recipe(

@@ -9,9 +9,11 @@ Evaluation runs every `eval_every` seconds of training (the notebook's
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -46,7 +48,7 @@ from mnist_cnn.errors import TrainingInterrupted, UserError
 from mnist_cnn.metrics import evaluate
 from mnist_cnn.models import count_parameters
 from mnist_cnn.pool import kernel_status
-from mnist_cnn.recipes import Recipe, resolve_recipe
+from mnist_cnn.recipes import BUDGET_SHARE, Recipe, epochs_within_budget, resolve_recipe
 from mnist_cnn.run import (
     CONFIG,
     CURVES,
@@ -126,7 +128,13 @@ def fit(
         state = replace(resume.state, history=list(resume.state.history))
     net = DistributedDataParallel(core) if world.distributed else core
     batches = training_batches(ds, recipe, seed, dev, world)
+    budget = None
+    if resume is None and recipe.budget_s > 0:
+        recipe, budget = fit_to_budget(recipe, core, batches, precision, dev, world, say)
+        batches = training_batches(ds, recipe, seed, dev, world)
     config = run_config(ds, recipe, seed, dev, precision, world, core)
+    if budget is not None:
+        config["budget"] = budget
     writer = open_writer(out, overwrite, resume is not None, world, config, state)
     cadence, last_checkpoint = checkpoint_every or Cadence(), state.train_seconds
 
@@ -273,6 +281,9 @@ def same_run(out: Path, ds: Dataset, recipe: Recipe, seed: int) -> Run:
     """The run in `out`, if these settings would produce it; else exit 2 naming the first
     setting that differs."""
     run = Run(out)
+    budget = run.config.get("budget")
+    if isinstance(budget, dict) and budget.get("epochs_asked") == recipe.epochs:
+        recipe = replace(recipe, epochs=run.recipe.epochs)  # the count its budget chose
     asked = {"dataset": ds.name, "classes": list(ds.classes), "recipe": recipe.to_dict(),
              "seed": seed}  # fmt: skip
     differences = identity_differences(run.identity, asked)
@@ -373,6 +384,61 @@ def train_step(
     loss.backward()
     optimizer.step()
     return loss
+
+
+def seconds_per_epoch_probe(
+    model: nn.Module,
+    recipe: Recipe,
+    batches: BatchSource,
+    precision: str,
+    device: torch.device,
+    steps: int = 12,
+    warmup: int = 3,
+) -> float:
+    """Seconds one epoch of `batches` takes here: the median of `steps` training steps
+    (batch preparation included) on a copy of the model, times the steps of an epoch.
+    The model, its optimizer and every random generator are left as they were."""
+    probe = copy.deepcopy(model).train()
+    optimizer = make_optimizer(recipe, probe)
+    times = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        source = iter(batches.from_step(0))
+        for _ in range(min(warmup + steps, len(batches))):
+            tick = time.perf_counter()
+            batch = next(source)
+            train_step(probe, optimizer, batch, recipe.lr * 1e-3, recipe, precision, device)
+            synchronize(device)
+            times.append(time.perf_counter() - tick)
+    measured = times[warmup:] or times
+    return statistics.median(measured) * batches.steps_per_epoch
+
+
+def fit_to_budget(
+    recipe: Recipe,
+    model: nn.Module,
+    batches: BatchSource,
+    precision: str,
+    device: torch.device,
+    world: World,
+    say: Callable[[str], None],
+) -> tuple[Recipe, dict]:
+    """The recipe with as many of its epochs as fit its time budget on this machine, and
+    what config.json records of the choice. Every rank adopts the slowest rank's figure,
+    so all train the same number of steps; a resumed run keeps the count it started with."""
+    seconds = seconds_per_epoch_probe(model, recipe, batches, precision, device)
+    if world.distributed:
+        slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+        seconds = float(slowest.item())
+    epochs = epochs_within_budget(recipe, seconds)
+    if epochs < recipe.epochs:
+        say(f"recipe '{recipe.name}': {recipe.epochs:g} epochs would take about "
+            f"{recipe.epochs * seconds:.0f} s here ({seconds:.1f} s each), past "
+            f"{BUDGET_SHARE:.0%} of its {recipe.budget_s:g} s budget: training {epochs:g} "
+            "epochs (recorded in config.json; --budget 0 trains them all)")  # fmt: skip
+    record = {"seconds": recipe.budget_s, "share": BUDGET_SHARE, "epochs_asked": recipe.epochs,
+              "seconds_per_epoch_probe": round(seconds, 3), "epochs": epochs}  # fmt: skip
+    return replace(recipe, epochs=epochs), record
 
 
 def check_divergence(
