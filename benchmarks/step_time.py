@@ -6,6 +6,13 @@ epoch; variants are measured in turn, twice round, in one process, so they share
 machine's state. The figures are for comparing tricks with one another, not for quoting.
 
     python benchmarks/step_time.py [--steps 150] [--rounds 2]
+    python benchmarks/step_time.py --layers [--precision fp32 bf16]
+
+`--layers` says where the time of one training step goes instead: each layer of the seed
+network (as `fit` builds it: channels-last, ReLU after pooling, the pooling kernel) timed
+alone, forward and backward, beside its floating-point operations per epoch and the
+physical bound those set: FLOPs over the peak of a large matrix product in the same
+precision on the same threads, measured in the same run.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_cnn.models import build_model
 from mnist_cnn.pool import MaxPool2x2, kernel_status
 
 EPOCH_IMAGES = 60_000
@@ -69,11 +77,107 @@ def seconds_per_epoch(variant: tuple[bool, ...], steps: int) -> float:
     return statistics.median(warm) * EPOCH_IMAGES / BATCH
 
 
+def _median_seconds(run, repeats: int) -> float:
+    for _ in range(max(3, repeats // 5)):  # oneDNN picks its kernels on the first calls
+        run()
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+def peak_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a square matrix product: the most these cores do in this precision."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return 2 * size**3 / _median_seconds(lambda: a @ b, repeats)
+
+
+def flops_of(run) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def layer_table(precision: str, repeats: int) -> list[dict]:
+    """Each layer of the seed network alone: forward and backward seconds and FLOPs per
+    epoch (469 batches of 128), in the layout and arithmetic `fit` trains with."""
+    bf16 = precision == "bf16"
+    torch.manual_seed(0)
+    model = build_model("seed").to(memory_format=torch.channels_last)
+    x = torch.rand(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    steps = EPOCH_IMAGES / BATCH
+    rows = []
+    for index, layer in enumerate(model):
+        first = index == 0  # the input image needs no gradient
+        x = x.detach().requires_grad_(not first)
+
+        def forward(layer=layer, x=x):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return layer(x.clone() if isinstance(layer, nn.ReLU) else x)
+
+        out = forward()
+        grad = torch.randn_like(out)
+        wrt = [*layer.parameters()] + ([] if first else [x])
+
+        def backward(forward=forward, grad=grad, wrt=wrt):
+            out = forward()
+            if wrt:
+                out.backward(grad)
+                for tensor in wrt:
+                    tensor.grad = None
+
+        fwd = _median_seconds(forward, repeats)
+        both = _median_seconds(backward, repeats)
+        name = type(layer).__name__
+        if isinstance(layer, nn.Conv2d):
+            name = f"Conv2d {layer.in_channels}->{layer.out_channels}"
+        rows.append({
+            "layer": f"{index}: {name} {tuple(out.shape[1:])}",
+            "forward_s": fwd * steps, "backward_s": max(both - fwd, 0.0) * steps,
+            "forward_flops": flops_of(forward) * steps,
+            "backward_flops": (flops_of(backward) - flops_of(forward)) * steps,
+        })  # fmt: skip
+        x = out.detach()
+    return rows
+
+
+def print_layers(precisions: list[str], repeats: int) -> None:
+    for precision in precisions:
+        peak = peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
+        rows = layer_table(precision, repeats)
+        print(f"\n{precision}: peak of a 2048x2048 matrix product {peak / 1e9:.0f} GFLOP/s "
+              f"on {torch.get_num_threads()} threads; seconds and GFLOP per epoch "
+              "(469 batches of 128)\n")  # fmt: skip
+        print("| layer | forward s | backward s | GFLOP fwd + bwd | bound s | time / bound |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        total_s = total_flops = 0.0
+        for row in rows:
+            seconds = row["forward_s"] + row["backward_s"]
+            flops = row["forward_flops"] + row["backward_flops"]
+            total_s, total_flops = total_s + seconds, total_flops + flops
+            ratio = f"{seconds / (flops / peak):.1f}" if flops else ""
+            print(f"| {row['layer']} | {row['forward_s']:.3f} | {row['backward_s']:.3f} | "
+                  f"{flops / 1e9:.1f} | {flops / peak:.3f} | {ratio} |")  # fmt: skip
+        print(f"| all layers | | | {total_flops / 1e9:.1f} | {total_flops / peak:.3f} | "
+              f"{total_s / (total_flops / peak):.1f} |\n\nsum of the layers' seconds: "
+              f"{total_s:.2f} per epoch")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--layers", action="store_true", help="time each layer instead")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
+                        choices=["fp32", "bf16"], help="with --layers")  # fmt: skip
     args = parser.parse_args()
+    if args.layers:
+        print_layers(args.precision, args.steps)
+        return
     results: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
         for name, variant in VARIANTS.items():
