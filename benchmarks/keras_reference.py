@@ -26,11 +26,7 @@ project's cache, md5-verified, through `mnist_cnn.data.fetch`, which needs numpy
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +34,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from measure import common_parser, median_seconds, report, result_record
 
 from mnist_cnn.data.catalog import (
     CATALOG,
@@ -52,30 +49,6 @@ from mnist_cnn.data.idx import parse_idx, read_idx
 from mnist_cnn.errors import DatasetError
 
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def parser() -> argparse.ArgumentParser:
-    """measure.common_parser's flags."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or a folder")
-    p.add_argument("--epochs", type=_positive_int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target", type=float, help="report the training seconds until it is reached")
-    p.add_argument("--train-limit", type=_positive_int, metavar="N", help="the first N images only")
-    p.add_argument("--test-limit", type=_positive_int, metavar="N", help="the first N images only")
-    p.add_argument("--eval-repeats", type=_positive_int, default=3, metavar="N",
-                   help="timed evaluations after a warm-up; the median counts")  # fmt: skip
-    p.add_argument(
-        "--json", action="store_true", help="one JSON line on stdout, the rest on stderr"
-    )
-    return p
 
 
 def load_arrays(name: str) -> dict[str, np.ndarray]:
@@ -141,19 +114,8 @@ def test_accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
     return round(float(logs["accuracy"]), 6)  # a float32 metric: 0.498, not 0.49799999594
 
 
-def median_seconds(work, repeats: int) -> float:
-    """measure.median_seconds: the median of `repeats` timed calls after an untimed one."""
-    work()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = common_parser(__doc__.splitlines()[0]).parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(THREADS)
     try:
@@ -181,41 +143,14 @@ def main(argv: list[str] | None = None) -> int:
               callbacks=[clock])  # fmt: skip
 
     eval_seconds = median_seconds(lambda: test_accuracy(model, x_test, y_test), args.eval_repeats)
-    cumulative = np.cumsum(clock.seconds).tolist()
-    reached = [s for s, a in zip(cumulative, clock.accuracies, strict=True)
-               if args.target is not None and a >= args.target]  # fmt: skip
-    record = {
-        "epoch_seconds": [round(s, 4) for s in clock.seconds],
-        "eval_seconds": round(eval_seconds, 4),
-        "test_accuracy": clock.accuracies[-1],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "time_to_target": reached[0] if reached else None,
-        "epoch_accuracies": clock.accuracies,
-        "test_images": len(y_test),
-        "threads": THREADS,
-        "side": "keras",
-        "precision": "fp32",
-        "jit_compile": bool(model.jit_compile),
-        "versions": f"TensorFlow {tf.__version__}, Keras {keras.__version__}",
-    }
+    record = result_record(
+        clock.seconds, clock.accuracies, eval_seconds, test_accuracy=clock.accuracies[-1],
+        test_images=len(y_test), target=args.target, threads=THREADS, side="keras",
+        precision="fp32", jit_compile=bool(model.jit_compile),
+        versions=f"TensorFlow {tf.__version__}, Keras {keras.__version__}",
+    )  # fmt: skip
     report(record, args.json)
     return 0
-
-
-def report(record: dict, as_json: bool) -> None:
-    """measure.report's lines (on stderr when `as_json`, so stdout carries only the JSON)."""
-    out = sys.stderr if as_json else sys.stdout
-    epochs = zip(record["epoch_seconds"], record["epoch_accuracies"], strict=True)
-    for i, (seconds, accuracy) in enumerate(epochs, start=1):
-        print(f"epoch {i}: {seconds:.2f} s of training, test accuracy {accuracy:.4f}", file=out)
-    print(f"evaluation of {record['test_images']} test images: {record['eval_seconds']:.3f} s",
-          file=out)  # fmt: skip
-    print(f"final test accuracy {record['test_accuracy']:.4f}", file=out)
-    if record["time_to_target"] is not None:
-        print(f"target reached after {record['time_to_target']:.2f} s of training", file=out)
-    print(f"peak RSS {record['peak_rss_mb']:.0f} MB", file=out)
-    if as_json:
-        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
-
-from mnist_cnn import Dataset, Split, load_dataset
+if TYPE_CHECKING:  # torch and the data sets load on use: keras_reference.py runs without torch
+    from mnist_cnn import Dataset
 
 RESULT_KEYS = (
     "epoch_seconds",
@@ -67,6 +67,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 
 def load_limited(name: str, train_limit: int | None, test_limit: int | None) -> Dataset:
     """The data set, cut to its first images so that tests can run a tiny budget."""
+    from mnist_cnn import Dataset, Split, load_dataset
+
     ds = load_dataset(name)
     train, test = ds.train, ds.test
     return Dataset(
@@ -125,7 +127,11 @@ def result_record(
     target: float | None,
     **settings,
 ) -> dict:
-    """The JSON object both scripts print; `settings` (threads, precision) ride along."""
+    """The JSON object every side prints; `settings` (threads, precision) ride along."""
+    if "threads" not in settings:
+        import torch
+
+        settings["threads"] = torch.get_num_threads()
     cumulative, total = [], 0.0
     for seconds in epoch_seconds:
         total += seconds
@@ -138,7 +144,6 @@ def result_record(
         "time_to_target": time_to_target(epoch_accuracies, cumulative, target),
         "epoch_accuracies": list(epoch_accuracies),
         "test_images": test_images,
-        "threads": torch.get_num_threads(),
         **settings,
     }
 
