@@ -16,10 +16,10 @@ CPU for both its intra-op and inter-op pools; both are set explicitly to the num
 usable CPUs, which is what the PyTorch sides run on where a core has one hardware thread
 (PyTorch counts physical cores); every record's `threads` shows the counts side by side.
 
-It runs in its own venv without PyTorch (`make keras-env`), so it cannot import
-measure.py: the flags, the JSON keys and the timing rules are measure.py's, written again
-here (tests/test_benchmarks.py checks both agree). The four IDX files come from the
-project's cache, md5-verified, through `mnist_cnn.data.fetch`, which needs numpy only.
+It runs in its own venv without PyTorch (`make keras-env`); the flags, the JSON record and
+the timing rules are measure.py's own, which loads torch only where it needs it. The data
+comes through `mnist_cnn.data.arrays.read_arrays`: the project's md5-verified cache (or a
+folder of IDX files) with every check `load_dataset` makes, in numpy alone.
 
     python benchmarks/keras_reference.py --dataset mnist --epochs 2 --seed 0 [--json]
 """
@@ -29,51 +29,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 from measure import common_parser, median_seconds, report, result_record
 
-from mnist_cnn.data.catalog import (
-    CATALOG,
-    FILE_NAMES,
-    TEST_IMAGES,
-    TEST_LABELS,
-    TRAIN_IMAGES,
-    TRAIN_LABELS,
-)
-from mnist_cnn.data.fetch import dataset_dir, provision, read_verified
-from mnist_cnn.data.idx import parse_idx, read_idx
+from mnist_cnn.data.arrays import read_arrays
+from mnist_cnn.data.catalog import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 from mnist_cnn.errors import DatasetError
 
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def load_arrays(name: str) -> dict[str, np.ndarray]:
-    """The four arrays of a catalogued data set (fetched into the cache if missing, as
-    `load_dataset` does) or of a folder of IDX files (raw or .gz)."""
-    if name in CATALOG:
-        spec = CATALOG[name]
-        payloads = {n: read_verified(spec, n) for n in FILE_NAMES}
-        if any(p is None for p in payloads.values()):
-            provision(spec)
-            payloads = {n: read_verified(spec, n) for n in FILE_NAMES}
-        if any(p is None for p in payloads.values()):
-            raise DatasetError(f"{dataset_dir(spec)}: files vanished; run `make data`")
-        return {n: parse_idx(p, n) for n, p in payloads.items()}
-    folder = Path(name)
-    if folder.is_dir():
-        found = {n: next((c for c in (folder / n, folder / f"{n}.gz") if c.is_file()), None)
-                 for n in FILE_NAMES}  # fmt: skip
-        if None in found.values():
-            raise DatasetError(f"{folder}: needs all four of {', '.join(FILE_NAMES)}")
-        return {n: read_idx(path) for n, path in found.items()}
-    raise DatasetError(
-        f"unknown data set '{name}': use one of {', '.join(CATALOG)}, or the path of a "
-        f"folder holding the four IDX files ({', '.join(FILE_NAMES)})"
-    )
 
 
 def seed_network(num_classes: int) -> keras.Sequential:
@@ -119,17 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(THREADS)
     try:
-        arrays = load_arrays(args.dataset)
+        found = read_arrays(args.dataset)
     except DatasetError as exc:
         print(f"keras_reference.py: error: {exc}", file=sys.stderr)
         return 2
     train, test = slice(args.train_limit), slice(args.test_limit)
+    arrays = found.arrays
     x_train = arrays[TRAIN_IMAGES][train, :, :, None].astype("float32") / 255
     y_train = arrays[TRAIN_LABELS][train].astype("int64")
     x_test = arrays[TEST_IMAGES][test, :, :, None].astype("float32") / 255
     y_test = arrays[TEST_LABELS][test].astype("int64")
-    spec = CATALOG.get(args.dataset)
-    num_classes = len(spec.classes) if spec else int(max(y_train.max(), y_test.max(initial=0))) + 1
+    num_classes = len(found.classes)
 
     keras.utils.set_random_seed(args.seed)
     model = seed_network(num_classes)
