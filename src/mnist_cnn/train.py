@@ -392,8 +392,8 @@ def seconds_per_epoch_probe(
     batches: BatchSource,
     precision: str,
     device: torch.device,
-    steps: int = 12,
-    warmup: int = 3,
+    steps: int = 20,
+    warmup: int = 5,
 ) -> float:
     """Seconds one epoch of `batches` takes here: the median of `steps` training steps
     (batch preparation included) on a copy of the model, times the steps of an epoch.
