@@ -298,3 +298,21 @@ def test_the_load_benchmark_reports_and_checks_every_answer(live_server, trained
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] == 60 and result["errors"] == 0 and result["mismatches"] == 0
     assert result["throughput_rps"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
+
+
+def test_a_stop_by_signal_is_exit_130_even_when_asyncio_swallows_the_raised_signal(
+    trained_run, monkeypatch, capsys
+):
+    """uvicorn raises the caught Ctrl-C again after shutting down, but asyncio's runner can
+    turn it into the cancellation of a task that has just finished and return normally."""
+    import uvicorn
+
+    from mnist_cnn.cli import main
+
+    def run_then_return_as_if_the_signal_was_lost(self, sockets=None):
+        self.handle_exit(signal.SIGINT, None)  # what uvicorn's signal handler does
+        assert self.should_exit
+
+    monkeypatch.setattr(uvicorn.Server, "run", run_then_return_as_if_the_signal_was_lost)
+    assert main(["serve", str(trained_run), "--port", "0"]) == 130
+    assert "interrupted" in capsys.readouterr().err
