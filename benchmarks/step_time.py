@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from measure import median_seconds
 from torch import nn
 
 from mnist_cnn.models import build_model
@@ -78,14 +79,9 @@ def seconds_per_epoch(variant: tuple[bool, ...], steps: int) -> float:
 
 
 def _median_seconds(run, repeats: int) -> float:
-    for _ in range(max(3, repeats // 5)):  # oneDNN picks its kernels on the first calls
+    for _ in range(max(2, repeats // 5)):  # oneDNN picks its kernels on the first calls
         run()
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
+    return median_seconds(run, repeats)
 
 
 def peak_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
