@@ -11,28 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_data import tiny_arrays
 
 from mnist_cnn.data.catalog import (
     FILE_NAMES,
-    TEST_IMAGES,
-    TEST_LABELS,
-    TRAIN_IMAGES,
-    TRAIN_LABELS,
 )
 from mnist_cnn.data.idx import write_idx
 
 # --- data: synthetic MNIST-format folders and an isolated cache ----------------------------
-
-
-def _tiny_arrays(n_train: int = 50, n_test: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
-    """The four arrays of a small MNIST-format data set: random uint8 28x28 images, labels 0..9."""
-    rng = np.random.default_rng(seed)
-    return {
-        TRAIN_IMAGES: rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
-        TRAIN_LABELS: (np.arange(n_train) % 10).astype(np.uint8),
-        TEST_IMAGES: rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
-        TEST_LABELS: ((np.arange(n_test) + 3) % 10).astype(np.uint8),
-    }
 
 
 @pytest.fixture
@@ -49,7 +35,7 @@ def tiny_idx_folder(tmp_path: Path) -> Callable[..., Path]:
         folder = tmp_path / name
         folder.mkdir(parents=True, exist_ok=True)
         suffix = ".gz" if gz else ""
-        for file_name, array in _tiny_arrays(n_train, n_test, seed).items():
+        for file_name, array in tiny_arrays(n_train, n_test, seed).items():
             write_idx(folder / f"{file_name}{suffix}", array)
         return folder
 

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_data import tiny_arrays
 
 from mnist_cnn.data import fetch as fetch_module
 from mnist_cnn.data import load_dataset
 from mnist_cnn.data.catalog import (
     FILE_NAMES,
-    TEST_IMAGES,
-    TEST_LABELS,
     TRAIN_IMAGES,
     TRAIN_LABELS,
     DatasetSpec,
@@ -58,13 +57,7 @@ def one_line(result, *words: str) -> str:
 def folder_with(tmp_path: Path, **arrays: np.ndarray) -> Path:
     """A 50/20 MNIST-format folder (labels 0..9 in both splits), with `arrays` replacing
     files by their role (train_labels=..., test_images=...)."""
-    rng = np.random.default_rng(0)
-    files = {
-        TRAIN_IMAGES: rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
-        TRAIN_LABELS: (np.arange(50) % 10).astype(np.uint8),
-        TEST_IMAGES: rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
-        TEST_LABELS: (np.arange(20) % 10).astype(np.uint8),
-    }
+    files = tiny_arrays(50, 20)
     roles = ("train_images", "train_labels", "test_images", "test_labels")
     roles = dict(zip(roles, FILE_NAMES, strict=True))
     for role, array in arrays.items():

@@ -27,12 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from tiny_data import tiny_arrays
 
 from digit_strokes import draw_digit
-from mnist_cnn.data.catalog import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 from mnist_cnn.data.idx import write_idx
 from mnist_cnn.images import MAX_PIXELS
 
@@ -75,14 +74,7 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hostile-serve")
     data = root / "digits"
     data.mkdir()
-    rng = np.random.default_rng(0)
-    arrays = {
-        TRAIN_IMAGES: rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
-        TRAIN_LABELS: (np.arange(200) % 10).astype(np.uint8),
-        TEST_IMAGES: rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
-        TEST_LABELS: (np.arange(20) % 10).astype(np.uint8),
-    }
-    for name, array in arrays.items():
+    for name, array in tiny_arrays(200, 20).items():
         write_idx(data / name, array)
     run = root / "run"
     done = subprocess.run(
