@@ -250,11 +250,15 @@
     return { ...recordOf(probs, name), seenSrc: seenUrl(pixels), pixels, stages };
   }
 
+  /** The drawing as a PNG file, encoded now. (`canvas.toBlob` encodes in the page's idle
+   *  time, and Chromium gave a busy page none for up to 6.7 s after a switch to the server.) */
+  function canvasPng() {
+    const base64 = canvas.toDataURL("image/png").split(",")[1];
+    return new Blob([Uint8Array.from(atob(base64), (c) => c.charCodeAt(0))], { type: "image/png" });
+  }
+
   async function answerFromServer(input, name) {
-    const blob =
-      input.kind === "photo"
-        ? input.file
-        : await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+    const blob = input.kind === "photo" ? input.file : canvasPng();
     const form = new FormData();
     form.append("file", blob, name);
     let res;
