@@ -6,11 +6,11 @@ epoch; variants are measured in turn, twice round, in one process, so they share
 machine's state. The figures are for comparing tricks with one another, not for quoting.
 
     python benchmarks/step_time.py [--steps 150] [--rounds 2]
-    python benchmarks/step_time.py --layers [--precision fp32 bf16]
+    python benchmarks/step_time.py --layers [--precision fp32 bf16] [--model deep-bn]
 
 `--layers` says where the time of one training step goes instead: each layer of the seed
-network (as `fit` builds it: channels-last, ReLU after pooling, the pooling kernel) timed
-alone, forward and backward, beside its floating-point operations per epoch and the
+network (or of `--model`), as `fit` builds it (channels-last, ReLU after pooling, the pooling
+kernel), timed alone, forward and backward, beside its floating-point operations per epoch and the
 physical bound those set: FLOPs over the peak of a large matrix product in the same
 precision on the same threads, measured in the same run.
 """
@@ -98,12 +98,16 @@ def flops_of(run) -> int:
     return counter.get_total_flops()
 
 
-def layer_table(precision: str, repeats: int) -> list[dict]:
-    """Each layer of the seed network alone: forward and backward seconds and FLOPs per
+def layer_table(precision: str, repeats: int, model_name: str = "seed") -> list[dict]:
+    """Each layer of a sequential network alone: forward and backward seconds and FLOPs per
     epoch (469 batches of 128), in the layout and arithmetic `fit` trains with."""
     bf16 = precision == "bf16"
     torch.manual_seed(0)
-    model = build_model("seed").to(memory_format=torch.channels_last)
+    model = build_model(model_name)
+    model = getattr(model, "net", model)  # a test-time wrapper trains its inner network
+    if not isinstance(model, nn.Sequential):
+        raise SystemExit(f"--layers times the layers of a sequential network; {model_name} is not")
+    model = model.to(memory_format=torch.channels_last)
     x = torch.rand(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     steps = EPOCH_IMAGES / BATCH
     rows = []
@@ -141,13 +145,13 @@ def layer_table(precision: str, repeats: int) -> list[dict]:
     return rows
 
 
-def print_layers(precisions: list[str], repeats: int) -> None:
+def print_layers(precisions: list[str], repeats: int, model_name: str = "seed") -> None:
     for precision in precisions:
         peak = peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
-        rows = layer_table(precision, repeats)
-        print(f"\n{precision}: peak of a 2048x2048 matrix product {peak / 1e9:.0f} GFLOP/s "
-              f"on {torch.get_num_threads()} threads; seconds and GFLOP per epoch "
-              "(469 batches of 128)\n")  # fmt: skip
+        rows = layer_table(precision, repeats, model_name)
+        print(f"\n{model_name}, {precision}: peak of a 2048x2048 matrix product "
+              f"{peak / 1e9:.0f} GFLOP/s on {torch.get_num_threads()} threads; "
+              "seconds and GFLOP per epoch (469 batches of 128)\n")  # fmt: skip
         print("| layer | forward s | backward s | GFLOP fwd + bwd | bound s | time / bound |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
         total_s = total_flops = 0.0
@@ -170,9 +174,10 @@ def main() -> None:
     parser.add_argument("--layers", action="store_true", help="time each layer instead")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
                         choices=["fp32", "bf16"], help="with --layers")  # fmt: skip
+    parser.add_argument("--model", default="seed", help="with --layers: the network to time")
     args = parser.parse_args()
     if args.layers:
-        print_layers(args.precision, args.steps)
+        print_layers(args.precision, args.steps, args.model)
         return
     results: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
