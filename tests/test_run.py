@@ -288,9 +288,9 @@ def test_epochs_within_budget_keeps_whole_epochs_that_fit_its_share():
     from mnist_cnn.recipes import BUDGET_SHARE, epochs_within_budget, resolve_recipe
 
     best = resolve_recipe("best", "fashion-mnist")
-    assert best.budget_s == 600 and best.epochs == 40
-    assert epochs_within_budget(best, 11.5) == 40  # 460 s: inside 80% of 600
-    assert epochs_within_budget(best, 18.1) == int(BUDGET_SHARE * 600 // 18.1) == 26
+    assert best.budget_s == 600 and best.epochs == 24
+    assert epochs_within_budget(best, 18.1) == 24  # 434 s: inside 80% of 600
+    assert epochs_within_budget(best, 25.0) == int(BUDGET_SHARE * 600 // 25.0) == 19
     assert epochs_within_budget(best, 1e6) == 1  # never less than one epoch
     assert epochs_within_budget(resolve_recipe("seed"), 1e6) == 10  # no budget, no cut
     with pytest.raises(UserError, match="budget"):

@@ -302,7 +302,7 @@ def test_best_recipe_flips_clothes_but_not_digits():
     assert clothes.augment_flip and clothes.model == "deep-bn-mirror"
     assert clothes.augment_rotate == 0 and clothes.augment_scale == 0
     assert resolve_recipe("best", dataset="fashion-mnist", augment_flip=False).augment_flip is False
-    assert resolve_recipe("best").augment_shift == 2
+    assert resolve_recipe("best").augment_shift == 2 and clothes.augment_shift == 1
 
 
 @pytest.mark.slow
