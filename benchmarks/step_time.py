@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from measure import median_seconds
 from torch import nn
 
-from mnist_cnn.models import build_model
+from mnist_cnn.models import MODELS, build_model
 from mnist_cnn.pool import MaxPool2x2, kernel_status
 
 EPOCH_IMAGES = 60_000
@@ -174,7 +174,8 @@ def main() -> None:
     parser.add_argument("--layers", action="store_true", help="time each layer instead")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
                         choices=["fp32", "bf16"], help="with --layers")  # fmt: skip
-    parser.add_argument("--model", default="seed", help="with --layers: the network to time")
+    parser.add_argument("--model", default="seed", choices=sorted(MODELS),
+                        help="with --layers: the network to time")  # fmt: skip
     args = parser.parse_args()
     if args.layers:
         print_layers(args.precision, args.steps, args.model)

@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from tiny_data import tiny_arrays
 
-from mnist_cnn.data.catalog import (
-    FILE_NAMES,
-)
+from mnist_cnn.data.catalog import FILE_NAMES
 from mnist_cnn.data.idx import write_idx
 
 # --- data: synthetic MNIST-format folders and an isolated cache ----------------------------
