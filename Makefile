@@ -39,7 +39,7 @@ notebook: | setup
 	@env -u MNIST_CNN_NOTEBOOK_EPOCHS -u MNIST_CNN_NOTEBOOK_TRAIN_LIMIT \
 		$(BIN)/python scripts/run_notebook.py notebooks/cnn_mnist.ipynb
 
-# A C compiler, for the max-pooling kernel (src/mnist_cnn/_pool2x2.c, built on first use).
+# A C compiler, for the pooling kernels (src/mnist_cnn/_kernels.c, built on first use).
 compiler:
 	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 \
 		|| ./scripts/apt-install.sh gcc "max pooling will use PyTorch's slower kernel"

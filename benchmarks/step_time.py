@@ -4,8 +4,10 @@ Each variant trains a fresh seed network on random uint8 images for a fixed numb
 steps (batch 128, fused Adam) and reports the median step time times the steps of one
 epoch; variants are measured in turn, twice round, in one process, so they share the
 machine's state. The figures are for comparing tricks with one another, not for quoting.
+In float32 (`--precision fp32`) every variant runs without autocast and the bf16 row is left
+out.
 
-    python benchmarks/step_time.py [--steps 150] [--rounds 2]
+    python benchmarks/step_time.py [--steps 150] [--rounds 2] [--precision fp32 bf16]
     python benchmarks/step_time.py --layers [--precision fp32 bf16] [--model deep-bn]
 
 `--layers` says where the time of one training step goes instead: each layer of the seed
@@ -26,39 +28,43 @@ import torch.nn.functional as F
 from measure import median_seconds
 from torch import nn
 
-from mnist_cnn.models import MODELS, build_model
-from mnist_cnn.pool import MaxPool2x2, kernel_status
+from mnist_cnn.models import MODELS, ConvNet, build_model
+from mnist_cnn.pool import MaxPool2x2, first_stage_applies, kernel_status
 
 EPOCH_IMAGES = 60_000
 BATCH = 128
 
-# name: (ReLU after pooling, channels-last, bf16 autocast, fused Adam, pooling kernel)
+# name: (ReLU after pooling, channels-last, bf16 autocast, fused Adam, pooling kernel,
+#        first stage in one kernel)
 VARIANTS = {
-    "plain (NCHW, fp32, ReLU then pool)": (False, False, False, False, False),
-    "+ channels-last": (False, True, False, False, False),
-    "+ bf16 autocast": (False, True, True, False, False),
-    "+ fused Adam": (False, True, True, True, False),
-    "+ ReLU after pooling": (True, True, True, True, False),
-    "+ compiled pooling kernel (all tricks)": (True, True, True, True, True),
+    "plain (NCHW, fp32, ReLU then pool)": (False, False, False, False, False, False),
+    "+ channels-last": (False, True, False, False, False, False),
+    "+ bf16 autocast": (False, True, True, False, False, False),
+    "+ fused Adam": (False, True, True, True, False, False),
+    "+ ReLU after pooling": (True, True, True, True, False, False),
+    "+ compiled pooling kernel": (True, True, True, True, True, False),
+    "+ first stage in one kernel (all tricks)": (True, True, True, True, True, True),
 }
 
 
-def seed_network(relu_after_pool: bool, pooling_kernel: bool) -> nn.Sequential:
+def seed_network(relu_after_pool: bool, pooling_kernel: bool, fused_stage: bool) -> nn.Module:
     def stage(c_in: int, c_out: int) -> list[nn.Module]:
         conv, relu = nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(True)
         pool = MaxPool2x2() if pooling_kernel else nn.MaxPool2d(2)
         return [conv, pool, relu] if relu_after_pool else [conv, relu, pool]
 
-    return nn.Sequential(*stage(1, 16), *stage(16, 32), *stage(32, 32), nn.Flatten(),
-                         nn.Linear(288, 10))  # fmt: skip
+    network = ConvNet if fused_stage else nn.Sequential
+    return network(*stage(1, 16), *stage(16, 32), *stage(32, 32), nn.Flatten(),
+                   nn.Linear(288, 10))  # fmt: skip
 
 
-def seconds_per_epoch(variant: tuple[bool, ...], steps: int) -> float:
-    relu_after_pool, channels_last, bf16, fused, pooling_kernel = variant
+def seconds_per_epoch(variant: tuple[bool, ...], steps: int, precision: str = "bf16") -> float:
+    relu_after_pool, channels_last, bf16, fused, pooling_kernel, fused_stage = variant
+    bf16 = bf16 and precision == "bf16"
     torch.manual_seed(0)
     images = torch.randint(0, 256, (steps * BATCH, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (steps * BATCH,))
-    model = seed_network(relu_after_pool, pooling_kernel)
+    model = seed_network(relu_after_pool, pooling_kernel, fused_stage)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
@@ -98,6 +104,27 @@ def flops_of(run) -> int:
     return counter.get_total_flops()
 
 
+def _forward_and_backward(layer: nn.Module, x: torch.Tensor, first: bool, bf16: bool):
+    """Closures running `layer` forward, and forward then backward, as training does."""
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return layer(x.clone() if isinstance(layer, nn.ReLU) else x)
+
+    out = forward()
+    grad = torch.randn_like(out)
+    wrt = [*layer.parameters()] + ([] if first else [x])
+
+    def backward():
+        out = forward()
+        if wrt:
+            out.backward(grad)
+            for tensor in wrt:
+                tensor.grad = None
+
+    return forward, backward
+
+
 def layer_table(precision: str, repeats: int, model_name: str = "seed") -> list[dict]:
     """Each layer of a sequential network alone: forward and backward seconds and FLOPs per
     epoch (469 batches of 128), in the layout and arithmetic `fit` trains with."""
@@ -110,36 +137,33 @@ def layer_table(precision: str, repeats: int, model_name: str = "seed") -> list[
     model = model.to(memory_format=torch.channels_last)
     x = torch.rand(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     steps = EPOCH_IMAGES / BATCH
+    layers: list[tuple[str, nn.Module]] = [(str(i), layer) for i, layer in enumerate(model)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        fused = isinstance(model, ConvNet) and first_stage_applies(*model[:3], x)
+    if fused:  # timed as `fit` runs it: one kernel for conv, pooling and ReLU
+        layers[:3] = [("0-2", model[:3])]
     rows = []
-    for index, layer in enumerate(model):
+    for index, (position, layer) in enumerate(layers):
         first = index == 0  # the input image needs no gradient
         x = x.detach().requires_grad_(not first)
-
-        def forward(layer=layer, x=x):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return layer(x.clone() if isinstance(layer, nn.ReLU) else x)
-
+        forward, backward = _forward_and_backward(layer, x, first, bf16)
         out = forward()
-        grad = torch.randn_like(out)
-        wrt = [*layer.parameters()] + ([] if first else [x])
-
-        def backward(forward=forward, grad=grad, wrt=wrt):
-            out = forward()
-            if wrt:
-                out.backward(grad)
-                for tensor in wrt:
-                    tensor.grad = None
-
+        # FLOPs of the plain layers: the counter cannot see into the kernel, whose
+        # arithmetic is theirs
+        counted = nn.Sequential(*layer) if isinstance(layer, ConvNet) else layer
+        counted_forward, counted_backward = _forward_and_backward(counted, x, first, bf16)
         fwd = _median_seconds(forward, repeats)
         both = _median_seconds(backward, repeats)
         name = type(layer).__name__
         if isinstance(layer, nn.Conv2d):
             name = f"Conv2d {layer.in_channels}->{layer.out_channels}"
+        if isinstance(layer, ConvNet):
+            name = f"Conv2d 1->{layer[0].out_channels} + pool + ReLU in one kernel"
         rows.append({
-            "layer": f"{index}: {name} {tuple(out.shape[1:])}",
+            "layer": f"{position}: {name} {tuple(out.shape[1:])}",
             "forward_s": fwd * steps, "backward_s": max(both - fwd, 0.0) * steps,
-            "forward_flops": flops_of(forward) * steps,
-            "backward_flops": (flops_of(backward) - flops_of(forward)) * steps,
+            "forward_flops": flops_of(counted_forward) * steps,
+            "backward_flops": (flops_of(counted_backward) - flops_of(counted_forward)) * steps,
         })  # fmt: skip
         x = out.detach()
     return rows
@@ -173,22 +197,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--layers", action="store_true", help="time each layer instead")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
-                        choices=["fp32", "bf16"], help="with --layers")  # fmt: skip
+                        choices=["fp32", "bf16"])  # fmt: skip
     parser.add_argument("--model", default="seed", choices=sorted(MODELS),
                         help="with --layers: the network to time")  # fmt: skip
     args = parser.parse_args()
     if args.layers:
         print_layers(args.precision, args.steps, args.model)
         return
-    results: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for _ in range(args.rounds):
-        for name, variant in VARIANTS.items():
-            results[name].append(seconds_per_epoch(variant, args.steps))
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, pooling kernel: "
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, kernels: "
           f"{kernel_status()}")  # fmt: skip
-    print("| variant | seconds per epoch (best round) |\n| --- | ---: |")
-    for name, values in results.items():
-        print(f"| {name} | {min(values):.2f} |")
+    for precision in args.precision:
+        variants = {name: variant for name, variant in VARIANTS.items()
+                    if precision == "bf16" or "bf16" not in name}  # fmt: skip
+        results: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, variant in variants.items():
+                results[name].append(seconds_per_epoch(variant, args.steps, precision))
+        print(f"\n{precision}\n\n| variant | seconds per epoch (best round) |\n| --- | ---: |")
+        for name, values in results.items():
+            print(f"| {name} | {min(values):.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,42 @@
-"""2x2 max pooling for CPU: the same values and gradients as PyTorch's, less memory traffic.
+"""Pooling stages for CPU through C kernels: the same functions as PyTorch's layers, less
+memory traffic.
+
+`MaxPool2x2`: 2x2 max pooling with PyTorch's values and gradients, bit for bit.
 
 Why this is written by hand: PyTorch's CPU max pooling records the position of every
 window's maximum as an int64 index (as many bytes as a bfloat16 input four times its
 size), even when no gradient is wanted, and its backward zero-fills the whole input-sized
 gradient before scattering into it. On two cores the seed network's first pooling layer is
 bound by memory bandwidth, so that traffic made pooling about a third of each training
-step. `_pool2x2.c` keeps a one-byte code per window instead, writes each gradient element
+step. `_kernels.c` keeps a one-byte code per window instead, writes each gradient element
 once, and runs on PyTorch's own OpenMP threads. Seed network on 2 cores, bf16,
 channels-last: 2.15 -> 1.68 s per epoch (`benchmarks/step_time.py`); evaluating the 10,000
 test images, float32: 0.150 -> 0.115 s. No library offers this: PyTorch's other CPU pooling
 (oneDNN) needs its own tensor layout and conversions to and from it.
 
-The kernel is compiled with the system C compiler on first use (0.2 s) and cached beside
+`first_stage`: a first stage of one input channel, Conv 3x3 (padding 1, bias) -> 2x2 max
+pooling -> ReLU, in one pass while training. Why: with one input channel the convolution
+is too little arithmetic for oneDNN's general path, and the stage is bound by memory: the
+28x28 maps (four times the size of anything after them) were written by the convolution,
+read by the pooling, and their gradient written and read again in backward. The kernel
+keeps the four sums of each window in registers and writes only the pooled result and a
+one-byte code; backward needs no gradient for the image and sums the weight gradient
+straight from the code and the image. Seed network, 2 cores: the stage forward and
+backward 1.8 -> 0.6 ms per batch of 128 in float32 (`benchmarks/step_time.py`). Its
+arithmetic is the convolution's (float32 sums, or bfloat16 products summed in float32
+under autocast) in another order, so results agree with the unfused layers to float
+rounding, not bit for bit; tests/test_pool.py checks both.
+
+The kernels are compiled with the system C compiler on first use (0.3 s) and cached beside
 the data (`<cache>/kernels`). A cached library is loaded only if this user owns it and its
 folder and nobody else may write either; otherwise it is rebuilt (in a private temporary
 folder if the cache folder itself cannot be trusted), and `kernel_status` says why.
-It runs for real channels-last CPU tensors in bfloat16 or float32, in training and in
-inference; anything else (other layouts and devices, tracing, export, torch.compile) gets
-PyTorch's `MaxPool2d(2)`, as does everything where no compiler works or
-MNIST_CNN_NATIVE_POOL=1 is set. Results are identical either way: tests/test_pool.py
-checks values and gradients bit for bit, ties and NaN included, and that training steps
-give identical weights.
+Pooling runs for real channels-last CPU tensors in bfloat16 or float32, in training and in
+inference; the first stage where `first_stage_applies` says. Anything else (other layouts
+and devices, tracing, export, torch.compile) gets PyTorch's layers, as does everything
+where no compiler works or MNIST_CNN_NATIVE_POOL=1 is set. Pooling's results are
+identical either way: tests/test_pool.py checks values and gradients bit for bit, ties and
+NaN included, and that training steps give identical weights.
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -44,12 +61,23 @@ from torch.autograd.function import once_differentiable
 from mnist_cnn.cache import kernels_dir
 from mnist_cnn.cpu import cpu_flags
 
-SOURCE = "_pool2x2.c"
-BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-Wno-unknown-pragmas")
+SOURCE = "_kernels.c"
+BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-Wno-unknown-pragmas", "-Wno-psabi")
 NATIVE_ENV = "MNIST_CNN_NATIVE_POOL"
 
+
+@dataclass(frozen=True)
+class _Kernels:
+    """The library's functions for one dtype."""
+
+    pool_forward: ctypes._CFuncPtr
+    pool_backward: ctypes._CFuncPtr
+    stage_forward: ctypes._CFuncPtr
+    stage_backward: ctypes._CFuncPtr
+
+
 _lock = threading.Lock()
-_kernels: dict[torch.dtype, tuple] | None = None
+_kernels: dict[torch.dtype, _Kernels] | None = None
 _why_not: str | None = None  # why the kernel is unavailable, once known
 _note: str | None = None  # why the cached kernel was not the one loaded, if it was not
 
@@ -80,8 +108,13 @@ def _flag_choices() -> list[tuple[str, ...]]:
     the development machine (AMD EPYC), while AVX2 is as fast as memory allows.
     Seed network, layer 1 (128x16x28x28 bf16), two threads: forward 0.35 (plain) -> 0.18 ms
     (OpenMP + AVX2), against 0.31 for PyTorch's; backward 0.05 ms, against about 0.6.
+    `-mfma -ffp-contract=fast` where the CPU has FMA: the first stage's multiply-adds as
+    one instruction each (forward 0.8 -> 0.5 ms on one thread).
     """
-    simd = ("-mavx2",) if "avx2" in cpu_flags() else ()
+    flags = cpu_flags()
+    simd = ("-mavx2",) if "avx2" in flags else ()
+    if simd and "fma" in flags:
+        simd += ("-mfma", "-ffp-contract=fast")
     return [(*BASE_FLAGS, "-fopenmp", *simd), (*BASE_FLAGS, *simd), BASE_FLAGS]
 
 
@@ -123,7 +156,7 @@ def _untrusted(path: Path) -> str | None:
 
 def _library_path(source: bytes, flags: tuple[str, ...]) -> Path:
     key = hashlib.sha256(source + " ".join(flags).encode() + platform.machine().encode())
-    return kernels_dir() / f"pool2x2-{key.hexdigest()[:16]}.so"
+    return kernels_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 
 def _compiled_library() -> ctypes.CDLL:
@@ -156,7 +189,7 @@ def _compiled_library() -> ctypes.CDLL:
     raise failure
 
 
-def _load() -> dict[torch.dtype, tuple] | None:
+def _load() -> dict[torch.dtype, _Kernels] | None:
     """The compiled kernels by dtype (compiling them on first use), or None if unavailable."""
     global _kernels, _why_not
     if _kernels is not None:  # every forward asks: no lock once loaded
@@ -166,18 +199,24 @@ def _load() -> dict[torch.dtype, tuple] | None:
             return _kernels
         try:
             lib = _compiled_library()
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, AttributeError, subprocess.SubprocessError) as exc:
             _why_not = f"pooling kernel unavailable: {exc}"
             return None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        signatures = {
+            "pool2x2_forward": [ptr, ptr, ptr, i64, i64, i64, i64, cint],
+            "pool2x2_backward": [ptr, ptr, ptr, i64, i64, i64, i64, cint],
+            "stage1_forward": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint],
+            "stage1_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint],
+        }
         kernels = {}
         for dtype, suffix in ((torch.bfloat16, "bf16"), (torch.float32, "f32")):
-            forward = getattr(lib, f"pool2x2_forward_{suffix}")
-            backward = getattr(lib, f"pool2x2_backward_{suffix}")
-            for fn in (forward, backward):
-                fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-                fn.restype = None
-            kernels[dtype] = (forward, backward)
+            functions = []
+            for name, argtypes in signatures.items():
+                fn = getattr(lib, f"{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, None
+                functions.append(fn)
+            kernels[dtype] = _Kernels(*functions)
         _kernels = kernels
         return _kernels
 
@@ -185,7 +224,7 @@ def _load() -> dict[torch.dtype, tuple] | None:
 def _pool_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled, one-byte argmax code per window) through the C kernel."""
     n, c, h, w = x.shape
-    forward, _ = _kernels[x.dtype]
+    forward = _kernels[x.dtype].pool_forward
     y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
     code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
     forward(x.data_ptr(), y.data_ptr(), code.data_ptr(), n, h, w, c, torch.get_num_threads())
@@ -207,7 +246,7 @@ class _MaxPool2x2(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (code,) = ctx.saved_tensors
         n, c, h, w = ctx.input_shape
-        _, backward = _kernels[grad.dtype]
+        backward = _kernels[grad.dtype].pool_backward
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty((n, c, h, w), dtype=grad.dtype, memory_format=torch.channels_last)
         backward(
@@ -246,3 +285,101 @@ class MaxPool2x2(nn.MaxPool2d):
         if x.requires_grad and torch.is_grad_enabled():
             return _MaxPool2x2.apply(x)
         return _pool_forward(x)[0]
+
+
+# Widths of the first stage's kernel: whole vectors of 8 channels, at most 8 of them, and
+# rows of at most 64 pixels (its buffers live on the stack).
+_STAGE_MAX_CHANNELS, _STAGE_MAX_WIDTH = 64, 64
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def first_stage_applies(conv: nn.Module, pool: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `relu(pool(conv(x)))` may run as one `first_stage` call: a training forward
+    (gradients wanted for the convolution, none for the image) of a real float32 CPU image
+    batch [N,1,H,W] through Conv2d(1, C, 3, padding=1) with bias, C a multiple of 8 up to
+    64, `MaxPool2x2` and ReLU, none of them hooked, in float32 or under bfloat16 autocast."""
+    if not (
+        type(conv) is nn.Conv2d
+        and type(pool) is MaxPool2x2
+        and type(relu) is nn.ReLU
+        and type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.shape[1] == 1
+        and x.shape[2] >= 2
+        and 2 <= x.shape[3] <= _STAGE_MAX_WIDTH
+        and not x.requires_grad
+        and torch.is_grad_enabled()
+    ):
+        return False
+    weight, bias = conv.weight, conv.bias
+    autocast = torch.is_autocast_enabled("cpu")
+    return (
+        conv.in_channels == 1
+        and conv.out_channels % 8 == 0
+        and conv.out_channels <= _STAGE_MAX_CHANNELS
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and bias is not None
+        and weight.requires_grad
+        and weight.dtype == bias.dtype == torch.float32
+        and weight.device.type == bias.device.type == "cpu"
+        and (not autocast or torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        and not _hooked(conv, pool, relu)
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not _native_forced()
+        and _load() is not None
+    )
+
+
+class _FirstStage(torch.autograd.Function):
+    """relu(max_pool2d(conv2d(x, weight, bias, padding=1), 2)) through the C kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        x, weight, bias = x.contiguous(), weight.detach().contiguous(), bias.detach().contiguous()
+        n, _, h, w = x.shape
+        c = weight.shape[0]
+        y = torch.empty((n, c, h // 2, w // 2), dtype=dtype, memory_format=torch.channels_last)
+        code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
+        _kernels[dtype].stage_forward(
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), code.data_ptr(),
+            n, h, w, c, torch.get_num_threads(),
+        )  # fmt: skip
+        ctx.save_for_backward(x, code)
+        ctx.dtype = dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, code = ctx.saved_tensors
+        n, _, h, w = x.shape
+        c = code.shape[3]
+        grad = grad.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
+        parts = torch.get_num_threads()
+        partial = torch.empty((parts, 10, c), dtype=torch.float32)
+        _kernels[ctx.dtype].stage_backward(
+            x.data_ptr(), grad.data_ptr(), code.data_ptr(), partial.data_ptr(), n, h, w, c, parts
+        )
+        sums = partial.sum(0)  # in part order: the same sum for the same thread count
+        if ctx.dtype == torch.bfloat16:  # as autocast's bf16 weight and bias would get it
+            sums = sums.to(torch.bfloat16).float()
+        return None, sums[:9].t().reshape(c, 1, 3, 3), sums[9].clone(), None
+
+
+def first_stage(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(max_pool2d(conv(x), 2)) in one pass; call only where `first_stage_applies`.
+    Returns channels-last float32, or bfloat16 under autocast."""
+    bf16 = torch.is_autocast_enabled("cpu")
+    return _FirstStage.apply(x, conv.weight, conv.bias, torch.bfloat16 if bf16 else torch.float32)
