@@ -181,32 +181,3 @@ def test_onnx_export_matches_pytorch_on_1000_test_images(run_cli, trained_run, t
     assert np.abs(got - expected).max() < 1e-4
     single = session.run(None, {"images": x[:1].numpy()})[0]  # the batch size is dynamic
     assert single.shape == (1, 10)
-
-
-def test_a_test_time_averaged_model_exports_with_its_averaging(run_cli, tmp_path):
-    """`fast` on digits trains `fast-shifts`: the exported graph averages the same five
-    views as evaluation does, so the parity check holds."""
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    from mnist_cnn import build_model, fit, load_dataset
-    from mnist_cnn.metrics import to_input
-    from mnist_cnn.recipes import resolve_recipe
-
-    mnist = load_dataset("mnist")
-    run = tmp_path / "fast-shifts"
-    recipe = resolve_recipe("fast", model="fast-shifts", epochs=0.1)
-    torch.manual_seed(0)
-    fit(build_model("fast-shifts"), mnist, recipe, out=run, progress=False, log=None)
-    out = tmp_path / "digits.onnx"
-    code, stdout, err = run_cli("export", str(run), "--out", out)
-    assert code == 0, err
-    assert "1000 classes agree" in stdout
-    x = to_input(mnist.test.images[:200])
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"images": x.numpy()})[0]
-    model = load_model(run)
-    with torch.inference_mode():
-        averaged = torch.softmax(model(x), 1).numpy()
-        single = torch.softmax(model.net(x), 1).numpy()
-    assert np.abs(got - averaged).max() < 1e-4
-    assert np.abs(got - single).max() > 1e-3  # the views are in the graph, not only one

@@ -294,37 +294,6 @@ def test_mirror_averaged_model_averages_image_and_mirror_at_test_time():
     assert torch.equal(out, model.net(x))  # training sees each image as it is
 
 
-def test_shift_averaged_model_averages_the_image_and_its_four_one_pixel_shifts():
-    from mnist_cnn.models import ShiftAveraged
-
-    torch.manual_seed(0)
-    model = build_model("fast-shifts")
-    assert isinstance(model, ShiftAveraged)
-    assert count_parameters(model) == count_parameters(build_model("fast"))
-    x = torch.zeros(1, 1, 5, 5)
-    x[0, 0, 2, 2] = 1.0
-    views = model.views(x)
-    assert [tuple(v.shape) for v in views] == [(1, 1, 5, 5)] * 5 and views[0] is x
-    # one pixel each way, zeros moving in (not wrapped around)
-    assert {tuple(v[0, 0].nonzero()[0].tolist()) for v in views[1:]} == {
-        (2, 1), (2, 3), (1, 2), (3, 2)
-    }  # fmt: skip
-    edge = torch.zeros(1, 1, 5, 5)
-    edge[0, 0, 0, 0] = 1.0
-    assert sorted(float(v.sum()) for v in model.views(edge)) == [0.0, 0.0, 1.0, 1.0, 1.0]
-    images = torch.rand(8, 1, 28, 28)
-    model.eval()
-    with torch.no_grad():
-        mean = sum(model.net(v) for v in model.views(images)) / 5
-        torch.testing.assert_close(model(images), mean)
-        assert not torch.allclose(model(images), model.net(images), atol=1e-4)
-    model.train()
-    torch.manual_seed(1)
-    out = model(images)
-    torch.manual_seed(1)
-    assert torch.equal(out, model.net(images))  # training sees each image as it is
-
-
 def test_best_recipe_flips_clothes_but_not_digits():
     digits = resolve_recipe("best", dataset="mnist")
     clothes = resolve_recipe("best", dataset="fashion-mnist")
