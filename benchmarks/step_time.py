@@ -1,11 +1,11 @@
 """Seconds per epoch of the seed network under each speed trick, from median step times.
 
 Each variant trains a fresh seed network on random uint8 images for a fixed number of
-steps (batch 128, fused Adam) and reports the median step time times the steps of one
-epoch; variants are measured in turn, twice round, in one process, so they share the
-machine's state. The figures are for comparing tricks with one another, not for quoting.
-In float32 (`--precision fp32`) every variant runs without autocast and the bf16 row is left
-out.
+steps (batch 128) and reports the median step time times the steps of one epoch (the best
+of `--rounds`). The variants train side by side in one process, a step of each in turn,
+so they share the machine's state, load that comes and goes included. The figures are for
+comparing tricks with one another, not for quoting. In float32 every variant runs
+without autocast and the bf16 row is left out.
 
     python benchmarks/step_time.py [--steps 150] [--rounds 2] [--precision fp32 bf16]
     python benchmarks/step_time.py --layers [--precision fp32 bf16] [--model deep-bn]
@@ -58,19 +58,18 @@ def seed_network(relu_after_pool: bool, pooling_kernel: bool, fused_stage: bool)
                    nn.Linear(288, 10))  # fmt: skip
 
 
-def seconds_per_epoch(variant: tuple[bool, ...], steps: int, precision: str = "bf16") -> float:
+def _trainer(variant: tuple[bool, ...], precision: str):
+    """A fresh seed network in `variant`'s form, and a function running its training step
+    on batch `step` of (images, labels)."""
     relu_after_pool, channels_last, bf16, fused, pooling_kernel, fused_stage = variant
     bf16 = bf16 and precision == "bf16"
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (steps * BATCH, 28, 28), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (steps * BATCH,))
     model = seed_network(relu_after_pool, pooling_kernel, fused_stage)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
-    times = []
-    for step in range(steps):
-        tick = time.perf_counter()
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         batch = slice(step * BATCH, (step + 1) * BATCH)
         x = images[batch].unsqueeze(1).float().div_(255).contiguous(memory_format=layout)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -79,9 +78,28 @@ def seconds_per_epoch(variant: tuple[bool, ...], steps: int, precision: str = "b
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - tick)
-    warm = times[steps // 4 :]  # the first steps pay for oneDNN's kernel selection
-    return statistics.median(warm) * EPOCH_IMAGES / BATCH
+
+    return train_step
+
+
+def seconds_per_epoch(variants: dict[str, tuple], steps: int, precision: str) -> dict[str, float]:
+    """Each variant's median step time times the steps of an epoch. The variants train side
+    by side: step i of each runs before step i + 1 of any, in an order that reverses every
+    step, so load that comes and goes falls on all of them alike."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (steps * BATCH, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (steps * BATCH,))
+    trainers = {name: _trainer(variant, precision) for name, variant in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for step in range(steps):
+        order = list(trainers) if step % 2 == 0 else list(reversed(trainers))
+        for name in order:
+            tick = time.perf_counter()
+            trainers[name](images, labels, step)
+            times[name].append(time.perf_counter() - tick)
+    # the first steps pay for oneDNN's kernel selection
+    return {name: statistics.median(t[steps // 4 :]) * EPOCH_IMAGES / BATCH
+            for name, t in times.items()}  # fmt: skip
 
 
 def _median_seconds(run, repeats: int) -> float:
@@ -211,8 +229,8 @@ def main() -> None:
                     if precision == "bf16" or "bf16" not in name}  # fmt: skip
         results: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
-            for name, variant in variants.items():
-                results[name].append(seconds_per_epoch(variant, args.steps, precision))
+            for name, seconds in seconds_per_epoch(variants, args.steps, precision).items():
+                results[name].append(seconds)
         print(f"\n{precision}\n\n| variant | seconds per epoch (best round) |\n| --- | ---: |")
         for name, values in results.items():
             print(f"| {name} | {min(values):.2f} |")
