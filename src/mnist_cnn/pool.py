@@ -22,7 +22,7 @@ read by the pooling, and their gradient written and read again in backward. The 
 keeps the four sums of each window in registers and writes only the pooled result and a
 one-byte code; backward needs no gradient for the image and sums the weight gradient
 straight from the code and the image. Seed network, 2 cores, seconds per epoch: the
-stage's forward and backward 0.87 -> 0.35 in float32 (`step_time.py --layers`), a whole
+stage's forward and backward 0.87 -> 0.35-0.55 in float32 (`step_time.py --layers`), a whole
 training step 4.70 -> 3.99 in float32 and 2.86 -> 2.60 in bf16 (`step_time.py`). Its
 arithmetic is the convolution's (float32 sums, or bfloat16 products summed in float32
 under autocast) in another order, so results agree with the unfused layers to float
