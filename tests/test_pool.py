@@ -69,6 +69,28 @@ def test_values_and_gradients_equal_pytorch_ties_nan_and_odd_sizes(shape, dtype)
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 32, 14, 14), (3, 8, 7, 7), (2, 5, 5, 6)])
+def test_pooling_then_relu_in_one_pass_equals_pytorch_bit_for_bit(shape, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x[:, :, :2, :2] = 0.0  # a window whose maximum is zero: ReLU passes no gradient
+    x[0, 0, 2:4, 2:4] = -0.0  # -0 stays -0, as torch.relu keeps it
+    x[0, -1, 0, 1] = float("nan")  # NaN wins its window and passes ReLU
+    x = _channels_last(x.to(dtype))
+    grad = _channels_last(torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2))
+    native_in, kernel_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    native_out = torch.relu(F.max_pool2d(native_in, 2))
+    kernel_out = pool.pool_relu(kernel_in)
+    native_out.backward(grad.to(dtype))
+    kernel_out.backward(grad.to(dtype))
+    _assert_bitwise_equal(kernel_out, native_out)
+    _assert_bitwise_equal(kernel_in.grad, native_in.grad)
+    with torch.no_grad():
+        _assert_bitwise_equal(pool.pool_relu(x), native_out.detach())
+
+
+@needs_kernel
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 3),
@@ -105,7 +127,11 @@ def test_the_kernel_runs_for_channels_last_cpu_tensors_only():
 def test_evaluation_uses_the_kernel_and_gives_pytorchs_logits(monkeypatch):
     calls = []
     kernel_forward = pool._pool_forward
-    monkeypatch.setattr(pool, "_pool_forward", lambda x: calls.append(x.shape) or kernel_forward(x))
+    monkeypatch.setattr(
+        pool,
+        "_pool_forward",
+        lambda x, relu=False: calls.append(x.shape) or kernel_forward(x, relu),
+    )
     torch.manual_seed(0)
     model = build_model("seed").to(memory_format=torch.channels_last)
     images = torch.randint(0, 256, (37, 28, 28), dtype=torch.uint8)
@@ -269,6 +295,24 @@ def test_training_forward_runs_the_first_stage_kernel_and_nothing_else_does(monk
     assert not pool.first_stage_applies(narrow, MaxPool2x2(), nn.ReLU(), x)
     wide = torch.rand(2, 1, 28, 65)  # rows longer than the kernel's buffers
     assert not pool.first_stage_applies(model[0], model[1], model[2], wide)
+
+
+@needs_kernel
+def test_the_networks_pool_and_relu_in_one_pass_unless_someone_watches(monkeypatch):
+    calls = []
+    kernel = pool._pool_forward
+    monkeypatch.setattr(
+        pool, "_pool_forward", lambda x, relu=False: calls.append(relu) or kernel(x, relu)
+    )
+    torch.manual_seed(0)
+    model = build_model("seed").to(memory_format=torch.channels_last).eval()
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    logits = predict_logits(model, images)
+    assert calls == [True, True, True]  # every stage, in evaluation too
+    hook = model[4].register_forward_hook(lambda *args: None)  # the second stage's ReLU
+    assert torch.equal(predict_logits(model, images), logits)
+    hook.remove()
+    assert calls[3:] == [True, False, True]
 
 
 @needs_kernel

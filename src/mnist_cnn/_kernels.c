@@ -4,14 +4,17 @@
  *   stage1_*:  a first stage of one input channel, 3x3 convolution (padding 1, bias), 2x2
  *              max pooling and ReLU in one pass, which never writes the full-size maps.
  *
- * 2x2 max pooling: forward writes each window's maximum and a one-byte code for where it was (0: top
- * left, 1: top right, 2: bottom left, 3: bottom right). Backward writes every element of
- * the input gradient exactly once: the output gradient where the code points, zero
- * elsewhere (a last odd row or column, which no window covers, gets zeros).
+ * 2x2 max pooling: forward writes each window's maximum and a one-byte code for where it
+ * was (0: top left, 1: top right, 2: bottom left, 3: bottom right). Backward writes every
+ * element of the input gradient exactly once: the output gradient where the code points,
+ * zero elsewhere (a last odd row or column, which no window covers, gets zeros). With
+ * `relu` set, forward applies ReLU to each maximum as well and codes 4 where ReLU passes
+ * no gradient (a maximum of zero or less), so backward writes zeros for that window.
  *
- * The result equals PyTorch's max_pool2d, values and gradients alike: a later element
- * wins only when strictly greater (so ties go to the first in row-major window order),
- * and NaN wins, as in PyTorch's CPU kernel.
+ * The result equals PyTorch's max_pool2d (then relu), values and gradients alike: a later
+ * element wins only when strictly greater (so ties go to the first in row-major window
+ * order), NaN wins, as in PyTorch's CPU kernel, and ReLU keeps NaN and -0.0 as
+ * torch.relu does.
  */
 #include <stdint.h>
 #include <string.h>
@@ -48,8 +51,9 @@ static inline float as_is(float value) { return value; }
     ((n) * (h2) * (w2) * (c) < POOL2X2_GRAIN ? 1 : (threads))
 #define POOL2X2_KERNELS(SUFFIX, T, TO_FLOAT)                                                \
     void pool2x2_forward_##SUFFIX(const T *x, T *y, uint8_t *code, int64_t n, int64_t h,   \
-                                  int64_t w, int64_t c, int threads) {                     \
+                                  int64_t w, int64_t c, int relu, int threads) {           \
         const int64_t h2 = h / 2, w2 = w / 2;                                              \
+        const T zero = 0;                                                                  \
         const int team = POOL2X2_THREADS(n, h2, w2, c, threads);                           \
         (void)team;                                                                        \
         _Pragma("omp parallel for schedule(static) num_threads(team)")                     \
@@ -74,8 +78,11 @@ static inline float as_is(float value) { return value; }
                     value = take2 ? v2 : value;                                            \
                     at = take2 ? 2 : at;                                                   \
                     int take3 = (f3 > best) | (f3 != f3);                                  \
-                    out[j * c + k] = take3 ? v3 : value;                                   \
-                    where[j * c + k] = take3 ? 3 : at;                                     \
+                    best = take3 ? f3 : best;                                              \
+                    value = take3 ? v3 : value;                                            \
+                    at = take3 ? 3 : at;                                                   \
+                    out[j * c + k] = relu & (best < 0.0f) ? zero : value;                  \
+                    where[j * c + k] = relu & (best <= 0.0f) ? 4 : at;                     \
                 }                                                                          \
             }                                                                              \
         }                                                                                  \

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from mnist_cnn.errors import UserError
-from mnist_cnn.pool import MaxPool2x2, first_stage, first_stage_applies
+from mnist_cnn.pool import (
+    MaxPool2x2,
+    first_stage,
+    first_stage_applies,
+    pool_relu,
+    pool_relu_applies,
+)
 
 ModelBuilder = Callable[..., nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
@@ -70,21 +76,30 @@ def _conv_block(c_in: int, c_out: int, batch_norm: bool = False) -> list[nn.Modu
 
 
 class ConvNet(nn.Sequential):
-    """`nn.Sequential` (the same layers, state-dict keys and function) whose forward runs a
-    first stage of Conv2d(1, C, 3, padding=1), `MaxPool2x2` and ReLU as one pass of a C
-    kernel where `first_stage_applies` (a training forward on CPU; see `mnist_cnn.pool`).
-    The kernel never writes the 28x28 maps: seconds per training step of the seed network
-    0.85x in float32 and 0.91x in bf16 (benchmarks/step_time.py). Evaluation runs the
-    layers as they are, so hooks on them (the feature maps of `explain`) see every output.
+    """`nn.Sequential` (the same layers, state-dict keys and function) that runs some
+    layers together through the C kernels of `mnist_cnn.pool`, where they apply:
+
+    - a first stage of Conv2d(1, C, 3, padding=1), `MaxPool2x2` and ReLU as one pass
+      (`first_stage`, a training forward on CPU), which never writes the 28x28 maps: a
+      training step of the seed network 0.85x the time in float32, 0.91x in bf16;
+    - `MaxPool2x2` then ReLU as one pass (`pool_relu`, in training and evaluation), bit
+      for bit the two layers' values and gradients.
+
+    Hooks on any of those layers turn their fusion off, so hooks see every output (the
+    feature maps of `explain` hook the layer before each pooling, which is never fused
+    in evaluation). Timings: benchmarks/step_time.py.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self._modules.values())
-        start = 0
+        i = 0
         if len(layers) >= 3 and first_stage_applies(*layers[:3], x):
-            x, start = first_stage(layers[0], x), 3
-        for layer in layers[start:]:
-            x = layer(x)
+            x, i = first_stage(layers[0], x), 3
+        while i < len(layers):
+            if i + 1 < len(layers) and pool_relu_applies(layers[i], layers[i + 1], x):
+                x, i = pool_relu(x), i + 2
+            else:
+                x, i = layers[i](x), i + 1
         return x
 
 
@@ -151,7 +166,7 @@ def deep_bn_cnn(num_classes: int = 10) -> nn.Module:
     would at 28x28. 141,418 parameters; an epoch takes about 11.5 s on 2 CPU cores in
     bf16, against 2.1 s for the seed network.
     """
-    model = nn.Sequential(
+    model = ConvNet(
         *_deep_stage(1, (32,)),
         *_deep_stage(32, (64, 64)),
         *_deep_stage(64, (128,)),

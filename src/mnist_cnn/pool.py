@@ -206,7 +206,7 @@ def _load() -> dict[torch.dtype, _Kernels] | None:
             return None
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         signatures = {
-            "pool2x2_forward": [ptr, ptr, ptr, i64, i64, i64, i64, cint],
+            "pool2x2_forward": [ptr, ptr, ptr, i64, i64, i64, i64, cint, cint],
             "pool2x2_backward": [ptr, ptr, ptr, i64, i64, i64, i64, cint],
             "stage1_forward": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint],
             "stage1_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint],
@@ -223,29 +223,33 @@ def _load() -> dict[torch.dtype, _Kernels] | None:
         return _kernels
 
 
-def _pool_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled, one-byte argmax code per window) through the C kernel."""
+def _pool_forward(x: torch.Tensor, relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled, one-byte argmax code per window) through the C kernel; with `relu`, ReLU of
+    the pooled values, coded so that backward passes no gradient where it is zero."""
     n, c, h, w = x.shape
     forward = _kernels[x.dtype].pool_forward
     y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
     code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
-    forward(x.data_ptr(), y.data_ptr(), code.data_ptr(), n, h, w, c, torch.get_num_threads())
+    forward(
+        x.data_ptr(), y.data_ptr(), code.data_ptr(), n, h, w, c, int(relu), torch.get_num_threads()
+    )
     return y, code
 
 
 class _MaxPool2x2(torch.autograd.Function):
-    """Channels-last 2x2 max pooling through the C kernel; the caller checked the input."""
+    """Channels-last 2x2 max pooling (then ReLU, with `relu`) through the C kernel; the
+    caller checked the input."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        y, code = _pool_forward(x)
+    def forward(ctx, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        y, code = _pool_forward(x, relu)
         ctx.save_for_backward(code)
         ctx.input_shape = x.shape
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (code,) = ctx.saved_tensors
         n, c, h, w = ctx.input_shape
         backward = _kernels[grad.dtype].pool_backward
@@ -254,7 +258,7 @@ class _MaxPool2x2(torch.autograd.Function):
         backward(
             grad.data_ptr(), code.data_ptr(), grad_x.data_ptr(), n, h, w, c, torch.get_num_threads()
         )
-        return grad_x
+        return grad_x, None
 
 
 def _kernel_applies(x: torch.Tensor) -> bool:
@@ -287,6 +291,25 @@ class MaxPool2x2(nn.MaxPool2d):
         if x.requires_grad and torch.is_grad_enabled():
             return _MaxPool2x2.apply(x)
         return _pool_forward(x)[0]
+
+
+def pool_relu_applies(pool: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `relu(pool(x))` may run as one `pool_relu` call: `MaxPool2x2` then ReLU,
+    neither hooked, on an input the pooling kernel takes."""
+    return (
+        type(pool) is MaxPool2x2
+        and type(relu) is nn.ReLU
+        and not _hooked(pool, relu)
+        and _kernel_applies(x)
+    )
+
+
+def pool_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(max_pool2d(x, 2)) in one pass of the pooling kernel, the same values and
+    gradients bit for bit; call only where `pool_relu_applies`."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _MaxPool2x2.apply(x, True)
+    return _pool_forward(x, True)[0]
 
 
 # Widths of the first stage's kernel: whole vectors of 8 channels, at most 8 of them, and
