@@ -1,7 +1,8 @@
 """Pooling stages for CPU through C kernels: the same functions as PyTorch's layers, less
 memory traffic.
 
-`MaxPool2x2`: 2x2 max pooling with PyTorch's values and gradients, bit for bit.
+`MaxPool2x2`: 2x2 max pooling with PyTorch's values and gradients, bit for bit;
+`pool_relu` the same with the ReLU that follows it applied in the same pass.
 
 Why this is written by hand: PyTorch's CPU max pooling records the position of every
 window's maximum as an int64 index (as many bytes as a bfloat16 input four times its
