@@ -80,14 +80,15 @@ class ConvNet(nn.Sequential):
     layers together through the C kernels of `mnist_cnn.pool`, where they apply:
 
     - a first stage of Conv2d(1, C, 3, padding=1), `MaxPool2x2` and ReLU as one pass
-      (`first_stage`, a training forward on CPU), which never writes the 28x28 maps: a
-      training step of the seed network 0.85x the time in float32, 0.91x in bf16;
+      (`first_stage`, in training and evaluation), which never writes the 28x28 maps: a
+      training step of the seed network 0.84-0.88x the time in float32, 0.91-0.93x in
+      bf16; evaluation 0.74x;
     - `MaxPool2x2` then ReLU as one pass (`pool_relu`, in training and evaluation), bit
       for bit the two layers' values and gradients.
 
     Hooks on any of those layers turn their fusion off, so hooks see every output (the
-    feature maps of `explain` hook the layer before each pooling, which is never fused
-    in evaluation). Timings: benchmarks/step_time.py.
+    feature maps of `explain` and of the exported page hook the layer before each
+    pooling). Timings: benchmarks/step_time.py.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

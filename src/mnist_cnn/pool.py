@@ -16,15 +16,16 @@ test images, float32: 0.150 -> 0.115 s. No library offers this: PyTorch's other 
 (oneDNN) needs its own tensor layout and conversions to and from it.
 
 `first_stage`: a first stage of one input channel, Conv 3x3 (padding 1, bias) -> 2x2 max
-pooling -> ReLU, in one pass while training. Why: with one input channel the convolution
-is too little arithmetic for oneDNN's general path, and the stage is bound by memory: the
-28x28 maps (four times the size of anything after them) were written by the convolution,
-read by the pooling, and their gradient written and read again in backward. The kernel
-keeps the four sums of each window in registers and writes only the pooled result and a
-one-byte code; backward needs no gradient for the image and sums the weight gradient
-straight from the code and the image. Seed network, 2 cores, seconds per epoch: the
-stage's forward and backward 0.87 -> 0.35-0.55 in float32 (`step_time.py --layers`), a whole
-training step 4.70 -> 3.99 in float32 and 2.86 -> 2.60 in bf16 (`step_time.py`). Its
+pooling -> ReLU, in one pass, in training and evaluation. Why: with one input channel the
+convolution is too little arithmetic for oneDNN's general path, and the stage is bound by
+memory: the 28x28 maps (four times the size of anything after them) were written by the
+convolution, read by the pooling, and their gradient written and read again in backward.
+The kernel keeps the four sums of each window in registers and writes only the pooled
+result and a one-byte code; backward needs no gradient for the image and sums the weight
+gradient straight from the code and the image. Seed network, 2 cores: the stage's forward
+and backward 0.87 -> 0.35-0.55 s per epoch in float32 (`step_time.py --layers`), a whole
+training step 0.84-0.88x in float32 and 0.91-0.93x in bf16 (`step_time.py`), evaluating
+the 10,000 test images 0.37 -> 0.28 s. Its
 arithmetic is the convolution's (float32 sums, or bfloat16 products summed in float32
 under autocast) in another order, so results agree with the unfused layers to float
 rounding, not bit for bit; tests/test_pool.py checks both.
@@ -323,10 +324,10 @@ def _hooked(*modules: nn.Module) -> bool:
 
 
 def first_stage_applies(conv: nn.Module, pool: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `relu(pool(conv(x)))` may run as one `first_stage` call: a training forward
-    (gradients wanted for the convolution, none for the image) of a real float32 CPU image
-    batch [N,1,H,W] through Conv2d(1, C, 3, padding=1) with bias, C a multiple of 8 up to
-    64, `MaxPool2x2` and ReLU, none of them hooked, in float32 or under bfloat16 autocast."""
+    """Whether `relu(pool(conv(x)))` may run as one `first_stage` call: a real float32 CPU
+    image batch [N,1,H,W] that needs no gradient itself, through Conv2d(1, C, 3,
+    padding=1) with bias, C a multiple of 8 up to 64, `MaxPool2x2` and ReLU, none of them
+    hooked, in float32 or under bfloat16 autocast."""
     if not (
         type(conv) is nn.Conv2d
         and type(pool) is MaxPool2x2
@@ -339,7 +340,6 @@ def first_stage_applies(conv: nn.Module, pool: nn.Module, relu: nn.Module, x: to
         and x.shape[2] >= 2
         and 2 <= x.shape[3] <= _STAGE_MAX_WIDTH
         and not x.requires_grad
-        and torch.is_grad_enabled()
     ):
         return False
     weight, bias = conv.weight, conv.bias
@@ -355,7 +355,6 @@ def first_stage_applies(conv: nn.Module, pool: nn.Module, relu: nn.Module, x: to
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and bias is not None
-        and weight.requires_grad
         and weight.dtype == bias.dtype == torch.float32
         and weight.device.type == bias.device.type == "cpu"
         and (not autocast or torch.get_autocast_dtype("cpu") == torch.bfloat16)
@@ -368,21 +367,27 @@ def first_stage_applies(conv: nn.Module, pool: nn.Module, relu: nn.Module, x: to
     )
 
 
+def _first_stage_forward(x, weight, bias, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, one-byte code per window) of the first stage through the C kernel."""
+    x, weight, bias = x.contiguous(), weight.detach().contiguous(), bias.detach().contiguous()
+    n, _, h, w = x.shape
+    c = weight.shape[0]
+    y = torch.empty((n, c, h // 2, w // 2), dtype=dtype, memory_format=torch.channels_last)
+    code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
+    _kernels[dtype].stage_forward(
+        x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), code.data_ptr(),
+        n, h, w, c, torch.get_num_threads(),
+    )  # fmt: skip
+    return y, code
+
+
 class _FirstStage(torch.autograd.Function):
     """relu(max_pool2d(conv2d(x, weight, bias, padding=1), 2)) through the C kernel."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
-        x, weight, bias = x.contiguous(), weight.detach().contiguous(), bias.detach().contiguous()
-        n, _, h, w = x.shape
-        c = weight.shape[0]
-        y = torch.empty((n, c, h // 2, w // 2), dtype=dtype, memory_format=torch.channels_last)
-        code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
-        _kernels[dtype].stage_forward(
-            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), code.data_ptr(),
-            n, h, w, c, torch.get_num_threads(),
-        )  # fmt: skip
-        ctx.save_for_backward(x, code)
+        y, code = _first_stage_forward(x, weight, bias, dtype)
+        ctx.save_for_backward(x.contiguous(), code)
         ctx.dtype = dtype
         return y
 
@@ -407,5 +412,8 @@ class _FirstStage(torch.autograd.Function):
 def first_stage(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """relu(max_pool2d(conv(x), 2)) in one pass; call only where `first_stage_applies`.
     Returns channels-last float32, or bfloat16 under autocast."""
-    bf16 = torch.is_autocast_enabled("cpu")
-    return _FirstStage.apply(x, conv.weight, conv.bias, torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if torch.is_autocast_enabled("cpu") else torch.float32
+    wanted = conv.weight.requires_grad or conv.bias.requires_grad
+    if torch.is_grad_enabled() and wanted:
+        return _FirstStage.apply(x, conv.weight, conv.bias, dtype)
+    return _first_stage_forward(x, conv.weight, conv.bias, dtype)[0]
