@@ -295,6 +295,10 @@ class MaxPool2x2(nn.MaxPool2d):
         return _pool_forward(x)[0]
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def pool_relu_applies(pool: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool:
     """Whether `relu(pool(x))` may run as one `pool_relu` call: `MaxPool2x2` then ReLU,
     neither hooked, on an input the pooling kernel takes."""
@@ -317,10 +321,6 @@ def pool_relu(x: torch.Tensor) -> torch.Tensor:
 # Widths of the first stage's kernel: whole vectors of 8 channels, at most 8 of them, and
 # rows of at most 64 pixels (its buffers live on the stack).
 _STAGE_MAX_CHANNELS, _STAGE_MAX_WIDTH = 64, 64
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def first_stage_applies(conv: nn.Module, pool: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool:
