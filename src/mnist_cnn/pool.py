@@ -332,20 +332,18 @@ def first_stage_applies(conv: nn.Module, pool: nn.Module, relu: nn.Module, x: to
         type(conv) is nn.Conv2d
         and type(pool) is MaxPool2x2
         and type(relu) is nn.ReLU
-        and type(x) is torch.Tensor
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.dim() == 4
-        and x.shape[1] == 1
-        and x.shape[2] >= 2
-        and 2 <= x.shape[3] <= _STAGE_MAX_WIDTH
-        and not x.requires_grad
+        and not _hooked(conv, pool, relu)
+        and _kernel_applies(x)  # what every kernel asks of its input and of this process
     ):
         return False
     weight, bias = conv.weight, conv.bias
     autocast = torch.is_autocast_enabled("cpu")
     return (
-        conv.in_channels == 1
+        x.dtype == torch.float32
+        and x.shape[1] == 1
+        and x.shape[3] <= _STAGE_MAX_WIDTH
+        and not x.requires_grad
+        and conv.in_channels == 1
         and conv.out_channels % 8 == 0
         and conv.out_channels <= _STAGE_MAX_CHANNELS
         and conv.kernel_size == (3, 3)
@@ -358,12 +356,6 @@ def first_stage_applies(conv: nn.Module, pool: nn.Module, relu: nn.Module, x: to
         and weight.dtype == bias.dtype == torch.float32
         and weight.device.type == bias.device.type == "cpu"
         and (not autocast or torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        and not _hooked(conv, pool, relu)
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not _native_forced()
-        and _load() is not None
     )
 
 
