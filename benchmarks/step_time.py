@@ -173,10 +173,10 @@ def layer_table(precision: str, repeats: int, model_name: str = "seed") -> list[
             layers, i = [("0-2", model[:3])], 3
     while i < len(model):
         pair = isinstance(model, ConvNet) and i + 1 < len(model)
-        if pair and type(model[i]) is MaxPool2x2 and type(model[i + 1]) is nn.ReLU:
-            layers, i = [*layers, (f"{i}-{i + 1}", model[i : i + 2])], i + 2
-        else:
-            layers, i = [*layers, (str(i), model[i])], i + 1
+        width = 2 if pair and type(model[i]) is MaxPool2x2 and type(model[i + 1]) is nn.ReLU else 1
+        position = f"{i}-{i + 1}" if width == 2 else str(i)
+        layers.append((position, model[i : i + 2] if width == 2 else model[i]))
+        i += width
     rows = []
     for index, (position, layer) in enumerate(layers):
         first = index == 0  # the input image needs no gradient
