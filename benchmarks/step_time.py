@@ -8,7 +8,11 @@ comparing tricks with one another, not for quoting. In float32 every variant run
 without autocast and the bf16 row is left out.
 
     python benchmarks/step_time.py [--steps 150] [--rounds 2] [--precision fp32 bf16]
+    python benchmarks/step_time.py --model fast [--steps 150] [--precision fp32 bf16]
     python benchmarks/step_time.py --layers [--precision fp32 bf16] [--model deep-bn]
+
+With `--model` alone, the variants are a registered network as `fit` trains it
+(channels-last, fused Adam) with the C kernels of `ConvNet` switched on one after another.
 
 `--layers` says where the time of one training step goes instead: each layer of the seed
 network (or of `--model`), as `fit` builds it (channels-last, ReLU after pooling, the pooling
@@ -20,6 +24,8 @@ precision on the same threads, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import statistics
 import time
 
@@ -28,8 +34,9 @@ import torch.nn.functional as F
 from measure import median_seconds
 from torch import nn
 
+from mnist_cnn import models
 from mnist_cnn.models import MODELS, ConvNet, build_model
-from mnist_cnn.pool import MaxPool2x2, first_stage_applies, kernel_status
+from mnist_cnn.pool import NATIVE_ENV, MaxPool2x2, kernel_status
 
 EPOCH_IMAGES = 60_000
 BATCH = 128
@@ -92,15 +99,82 @@ def _trainer(variant: tuple[bool, ...], precision: str):
     return train_step
 
 
-def seconds_per_epoch(variants: dict[str, tuple], steps: int, precision: str) -> dict[str, float]:
-    """Each variant's median step time times the steps of an epoch. The variants train side
+# name: (the pooling kernel with ReLU in it, the first stage in one kernel, BatchNorm stages
+#        in one kernel)
+KERNEL_VARIANTS = {
+    "PyTorch's layers": (False, False, False),
+    "+ pooling kernel, ReLU in it": (True, False, False),
+    "+ first stage in one kernel": (True, True, False),
+    "+ BatchNorm, pooling and ReLU in one kernel": (True, True, True),
+}
+
+
+class _Kernels:
+    """Within it, `ConvNet` uses only the kernels a variant of KERNEL_VARIANTS switches on
+    (without the pooling kernel, none: PyTorch's layers throughout)."""
+
+    def __init__(self, pooling: bool, stage: bool, norm: bool):
+        self.native = not pooling
+        self.off = [name for name, on in (("first_stage_applies", stage),
+                                          ("norm_pool_relu_applies", norm)) if not on]  # fmt: skip
+
+    def __enter__(self):
+        self.saved = {name: getattr(models, name) for name in self.off}
+        for name in self.off:
+            setattr(models, name, _never)
+        if self.native:
+            os.environ[NATIVE_ENV] = "1"
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(models, name, original)
+        if self.native:
+            del os.environ[NATIVE_ENV]
+
+
+def _never(*args) -> bool:
+    return False
+
+
+def _model_trainer(model_name: str, variant: tuple[bool, ...], precision: str):
+    """A fresh `model_name` network as `fit` trains it, and its training step on batch
+    `step`, with the kernels `variant` switches on."""
+    torch.manual_seed(0)
+    model = build_model(model_name).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor, step: int) -> None:
+        batch = slice(step * BATCH, (step + 1) * BATCH)
+        x = images[batch].unsqueeze(1).float().div_(255)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with _Kernels(*variant), torch.autocast("cpu", torch.bfloat16, precision == "bf16"):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return train_step
+
+
+def kernel_variants(model_name: str) -> dict[str, tuple[bool, ...]]:
+    """The rows of KERNEL_VARIANTS that change something in `model_name`."""
+    layers = [type(m) for m in build_model(model_name).modules()]
+    has = {"first stage": layers[1:3] == [nn.Conv2d, MaxPool2x2],
+           "BatchNorm": any(a is nn.BatchNorm2d and b is MaxPool2x2
+                            for a, b in itertools.pairwise(layers))}  # fmt: skip
+    return {name: variant for name, variant in KERNEL_VARIANTS.items()
+            if not any(word in name and not found for word, found in has.items())}  # fmt: skip
+
+
+def seconds_per_epoch(trainers: dict, steps: int) -> dict[str, float]:
+    """Each trainer's median step time times the steps of an epoch. The trainers run side
     by side: step i of each runs before step i + 1 of any, in an order that reverses every
     step, so load that comes and goes falls on all of them alike."""
     torch.manual_seed(0)
     images = torch.randint(0, 256, (steps * BATCH, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (steps * BATCH,))
-    trainers = {name: _trainer(variant, precision) for name, variant in variants.items()}
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in trainers}
     for step in range(steps):
         order = list(trainers) if step % 2 == 0 else list(reversed(trainers))
         for name in order:
@@ -167,15 +241,14 @@ def layer_table(precision: str, repeats: int, model_name: str = "seed") -> list[
     steps = EPOCH_IMAGES / BATCH
     # The layers as `fit` runs them: where `ConvNet` fuses layers, they are timed as one
     layers: list[tuple[str, nn.Module]] = []
-    i = 0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        if isinstance(model, ConvNet) and first_stage_applies(*model[:3], x):
-            layers, i = [("0-2", model[:3])], 3
+    i, probe = 0, x
     while i < len(model):
-        pair = isinstance(model, ConvNet) and i + 1 < len(model)
-        width = 2 if pair and type(model[i]) is MaxPool2x2 and type(model[i + 1]) is nn.ReLU else 1
-        position = f"{i}-{i + 1}" if width == 2 else str(i)
-        layers.append((position, model[i : i + 2] if width == 2 else model[i]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.no_grad():
+            width = model.group(i, probe) if isinstance(model, ConvNet) else 1
+            group = model[i : i + width]
+            probe = group(probe)
+        position = f"{i}-{i + width - 1}" if width > 1 else str(i)
+        layers.append((position, group if width > 1 else model[i]))
         i += width
     rows = []
     for index, (position, layer) in enumerate(layers):
@@ -193,8 +266,10 @@ def layer_table(precision: str, repeats: int, model_name: str = "seed") -> list[
         if isinstance(layer, nn.Conv2d):
             name = f"Conv2d {layer.in_channels}->{layer.out_channels}"
         if isinstance(layer, ConvNet):
-            name = (f"Conv2d 1->{layer[0].out_channels} + pool + ReLU in one kernel"
-                    if len(layer) == 3 else "MaxPool2x2 + ReLU in one pass")  # fmt: skip
+            name = {nn.Conv2d: "Conv2d 1->{} + pool + ReLU in one kernel",
+                    nn.BatchNorm2d: "BatchNorm2d + MaxPool2x2 + ReLU in one pass",
+                    MaxPool2x2: "MaxPool2x2 + ReLU in one pass"}[type(layer[0])]  # fmt: skip
+            name = name.format(getattr(layer[0], "out_channels", ""))
         rows.append({
             "layer": f"{position}: {name} {tuple(out.shape[1:])}",
             "forward_s": fwd * steps, "backward_s": max(both - fwd, 0.0) * steps,
@@ -234,20 +309,29 @@ def main() -> None:
     parser.add_argument("--layers", action="store_true", help="time each layer instead")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
                         choices=["fp32", "bf16"])  # fmt: skip
-    parser.add_argument("--model", default="seed", choices=sorted(MODELS),
-                        help="with --layers: the network to time")  # fmt: skip
+    parser.add_argument("--model", choices=sorted(MODELS),
+                        help="the network whose layers (--layers) or kernels to time")  # fmt: skip
     args = parser.parse_args()
     if args.layers:
-        print_layers(args.precision, args.steps, args.model)
+        print_layers(args.precision, args.steps, args.model or "seed")
         return
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, kernels: "
-          f"{kernel_status()}")  # fmt: skip
+          f"{kernel_status()}" + (f", network {args.model}" if args.model else ""))  # fmt: skip
     for precision in args.precision:
-        variants = {name: variant for name, variant in VARIANTS.items()
-                    if precision == "bf16" or "bf16" not in name}  # fmt: skip
+        if args.model:
+            variants = kernel_variants(args.model)
+        else:
+            variants = {name: variant for name, variant in VARIANTS.items()
+                        if precision == "bf16" or "bf16" not in name}  # fmt: skip
         results: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
-            for name, seconds in seconds_per_epoch(variants, args.steps, precision).items():
+            if args.model:
+                trainers = {name: _model_trainer(args.model, variant, precision)
+                            for name, variant in variants.items()}  # fmt: skip
+            else:
+                trainers = {name: _trainer(variant, precision)
+                            for name, variant in variants.items()}  # fmt: skip
+            for name, seconds in seconds_per_epoch(trainers, args.steps).items():
                 results[name].append(seconds)
         print(f"\n{precision}\n\n| variant | seconds per epoch (best round) |\n| --- | ---: |")
         for name, values in results.items():

@@ -1,9 +1,10 @@
 """The compiled kernels: 2x2 max pooling bit-identical to PyTorch's; the fused first stage
-(conv, pooling, ReLU) equal to the plain layers up to float rounding; each used only where
-it applies."""
+(conv, pooling, ReLU) and BatchNorm stages (BatchNorm, pooling, ReLU) equal to the plain
+layers up to float rounding; each used only where it applies."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import sys
@@ -154,8 +155,8 @@ def test_native_pool_env_switches_the_kernel_off(monkeypatch):
     assert pool.kernel_status() == f"pytorch ({pool.NATIVE_ENV} is set)"
 
 
-def _train_four_steps(name: str) -> list[torch.Tensor]:
-    """The weights of `name` after four Adam steps in bf16 on fixed random data."""
+def _train_four_steps(name: str, bf16: bool = True) -> list[torch.Tensor]:
+    """The weights of `name` after four Adam steps (in bf16, or float32) on fixed random data."""
     torch.manual_seed(1)
     images = _channels_last(torch.rand(64, 1, 28, 28))
     labels = torch.randint(0, 10, (64,))
@@ -164,7 +165,7 @@ def _train_four_steps(name: str) -> list[torch.Tensor]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(4):
         batch = slice(16 * step, 16 * step + 16)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(images[batch])
         loss = F.cross_entropy(logits.float(), labels[batch])
         optimizer.zero_grad()
@@ -177,8 +178,10 @@ def _train_four_steps(name: str) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name", ["seed", "fast", "deep-bn"])
 def test_training_steps_are_bit_identical_with_and_without_the_pooling_kernel(name, monkeypatch):
     """Same data, same steps: the weights agree exactly, so the pooling kernel changes no
-    result. (The fused first stage, which agrees only to rounding, is held off here.)"""
+    result. (The fused first stage and BatchNorm stages, which agree only to rounding, are
+    held off here.)"""
     monkeypatch.setattr("mnist_cnn.models.first_stage_applies", lambda *args: False)
+    monkeypatch.setattr("mnist_cnn.models.norm_pool_relu_applies", lambda *args: False)
     weights = {}
     for native in ("1", ""):
         monkeypatch.setenv(pool.NATIVE_ENV, native)
@@ -320,14 +323,26 @@ def test_the_networks_pool_and_relu_in_one_pass_unless_someone_watches(monkeypat
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["seed", "fast"])
-def test_training_steps_with_the_fused_first_stage_track_the_plain_layers(name, monkeypatch):
+@pytest.mark.parametrize("name", ["seed", "fast", "deep-bn"])
+def test_training_steps_with_the_fused_stages_track_the_plain_layers(name, monkeypatch):
+    """Four Adam steps: in float32 the fused stages give the plain layers' weights to
+    rounding; in bf16 they land as near the float32 weights as the plain bf16 layers do.
+    (bf16's rounding flips the sign of some small gradients, which Adam's first steps turn
+    into a full step either way, so two bf16 runs that round differently drift apart by
+    about as much as either is from float32.)"""
     weights = {}
     for native in ("1", ""):
         monkeypatch.setenv(pool.NATIVE_ENV, native)
-        weights[native] = _train_four_steps(name)
-    for fused, plain in zip(weights[""], weights["1"], strict=True):
+        for bf16 in (False, True):
+            weights[native, bf16] = _train_four_steps(name, bf16)
+    for fused, plain in zip(weights["", False], weights["1", False], strict=True):
         torch.testing.assert_close(fused, plain, rtol=0, atol=1e-3)
+    fused_gap = plain_gap = 0.0
+    runs = weights["", True], weights["1", True], weights["1", False]
+    for fused, plain, fp32 in zip(*runs, strict=True):
+        fused_gap += (fused - fp32).abs().sum().item()
+        plain_gap += (plain - fp32).abs().sum().item()
+    assert fused_gap < 1.25 * plain_gap
 
 
 def test_without_a_compiler_pooling_falls_back_to_pytorch(tmp_path):
@@ -353,3 +368,140 @@ def test_without_a_compiler_pooling_falls_back_to_pytorch(tmp_path):
     assert status.startswith("pytorch (pooling kernel unavailable: /bin/false failed")
     assert grad_fn == "MaxPool2DWithIndicesBackward0"
     assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+# --- BatchNorm2d -> MaxPool2x2 -> ReLU in one pass ------------------------------------------
+
+
+def _norm_both_ways(x, grad, bf16, train=True, **options):
+    """[(output, input grad, weight grad, bias grad, running mean, running var, batches
+    counted) of the plain layers, the same of the kernel], from one BatchNorm2d."""
+    torch.manual_seed(5)
+    norm = nn.BatchNorm2d(x.shape[1], **options)
+    with torch.no_grad():
+        norm.weight.uniform_(-1.0, 2.0)  # negative scales too: pooling takes the max after
+        norm.bias.normal_()
+        if norm.running_mean is not None:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    norm.train(train)
+    results = []
+    for fused in (False, True):
+        layer = copy.deepcopy(norm)
+        given = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            assert pool.norm_pool_relu_applies(layer, MaxPool2x2(), nn.ReLU(), given)
+            if fused:
+                out = pool.norm_pool_relu(layer, given)
+            else:
+                out = F.relu(F.max_pool2d(layer(given), 2))
+        out.backward(grad.to(out.dtype))
+        stats = [layer.running_mean, layer.running_var, layer.num_batches_tracked]
+        results.append([out, given.grad, layer.weight.grad, layer.bias.grad, *stats])
+    return results
+
+
+def _assert_close_to_scale(a, b, relative):
+    """Each element within `relative` of the largest magnitude in `b`."""
+    if b is None:
+        assert a is None
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape
+    scale = b.float().abs().max().item() or 1.0
+    torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=relative * scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape", [(16, 32, 14, 14), (9, 32, 7, 7), (3, 8, 5, 9), (2, 64, 6, 6)])
+def test_batchnorm_stage_matches_the_layers(shape, train, bf16):
+    """Values, all three gradients and the running statistics of BatchNorm2d -> max pooling
+    -> ReLU, with batch statistics (training) and running ones (evaluation), odd sizes
+    included (their last row and column still count in the statistics and get gradients)."""
+    torch.manual_seed(0)
+    x = _channels_last(torch.randn(shape) * 3 + 1)
+    if bf16:
+        x = x.to(torch.bfloat16)
+    grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    plain, fused = _norm_both_ways(x, grad, bf16, train)
+    # bfloat16: a value that rounds the other way moves by one unit in the last place
+    relative = 2e-2 if bf16 else 1e-5
+    for a, b in zip(fused, plain, strict=True):
+        _assert_close_to_scale(a, b, relative)
+    assert fused[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernel
+@pytest.mark.parametrize("options", [{"momentum": None}, {"track_running_stats": False}])
+def test_batchnorm_stage_keeps_pytorchs_other_statistics(options):
+    """A cumulative average (momentum None) counts batches as BatchNorm does; without
+    running statistics, evaluation uses the batch's own."""
+    torch.manual_seed(0)
+    x = _channels_last(torch.randn(4, 16, 6, 6))
+    grad = torch.randn(4, 16, 3, 3)
+    for train in (True, False):
+        plain, fused = _norm_both_ways(x, grad, False, train, **options)
+        for a, b in zip(fused, plain, strict=True):
+            _assert_close_to_scale(a, b, 1e-5)
+
+
+@needs_kernel
+def test_batchnorm_stage_routes_ties_and_relu_zeros_as_the_layers_do():
+    """Equal inputs normalise to equal values: the first of a window's equals takes the
+    gradient, and a window whose maximum ReLU zeroes passes none, as in PyTorch."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, 8, 8)
+    x[:, :, ::2, 1::2] = x[:, :, ::2, ::2]  # every window's top row ties
+    x[:, :, 1::2, :] = x[:, :, ::2, :] - 5.0  # below it, less
+    x = _channels_last(x)
+    grad = torch.randn(6, 8, 4, 4)
+    plain, fused = _norm_both_ways(x, grad, False)
+    for a, b in zip(fused, plain, strict=True):
+        _assert_close_to_scale(a, b, 1e-5)
+
+
+@needs_kernel
+def test_batchnorm_stage_gives_the_same_bits_on_any_number_of_threads():
+    """Each image's sums, then the batch's in image order: the thread count changes no bit
+    (bit-exact resumes on another machine's core count)."""
+    torch.manual_seed(0)
+    x = _channels_last(torch.randn(64, 32, 14, 14))
+    grad = torch.randn(64, 32, 7, 7)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            results.append(_norm_both_ways(x, grad, False)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_batchnorm_stage_runs_where_it_applies_and_nowhere_else(monkeypatch):
+    calls = []
+    kernel = pool._norm_pool_forward
+    monkeypatch.setattr(pool, "_norm_pool_forward", lambda *a: calls.append(1) or kernel(*a))
+    torch.manual_seed(0)
+    model = build_model("fast").to(memory_format=torch.channels_last)
+    x = _channels_last(torch.rand(4, 1, 28, 28))
+    model(x).sum().backward()
+    assert len(calls) == 2  # the second and third stages
+    with torch.no_grad():
+        model.eval()(x)
+    assert len(calls) == 4
+    hook = model[4].register_forward_hook(lambda *args: None)  # the second stage's BatchNorm
+    model(x)
+    assert len(calls) == 5
+    hook.remove()
+    x12 = _channels_last(torch.rand(2, 12, 4, 4))  # 12 channels: not whole vectors of 8
+    assert not pool.norm_pool_relu_applies(nn.BatchNorm2d(12), MaxPool2x2(), nn.ReLU(), x12)
+    plain = nn.BatchNorm2d(8, affine=False)  # no weight and bias
+    x8 = _channels_last(torch.rand(2, 8, 4, 4))
+    assert not pool.norm_pool_relu_applies(plain, MaxPool2x2(), nn.ReLU(), x8)
+    monkeypatch.setenv(pool.NATIVE_ENV, "1")
+    model.train()(x)
+    assert len(calls) == 5

@@ -2,7 +2,9 @@
  * (pool.py says why each exists):
  *   pool2x2_*: 2x2 max pooling, stride 2, on channels-last (NHWC) tensors;
  *   stage1_*:  a first stage of one input channel, 3x3 convolution (padding 1, bias), 2x2
- *              max pooling and ReLU in one pass, which never writes the full-size maps.
+ *              max pooling and ReLU in one pass, which never writes the full-size maps;
+ *   bnpool_*:  BatchNorm, 2x2 max pooling and ReLU in one pass, which never writes the
+ *              normalised full-size maps.
  *
  * 2x2 max pooling: forward writes each window's maximum and a one-byte code for where it
  * was (0: top left, 1: top right, 2: bottom left, 3: bottom right). Backward writes every
@@ -16,6 +18,7 @@
  * order), NaN wins, as in PyTorch's CPU kernel, and ReLU keeps NaN and -0.0 as
  * torch.relu does.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -328,3 +331,274 @@ static inline __attribute__((always_inline)) void stage1_backward_rows(
 
 STAGE1_KERNELS(f32, 0)
 STAGE1_KERNELS(bf16, 1)
+
+/* BatchNorm, 2x2 max pooling and ReLU in one pass, y = ReLU(MaxPool2x2(BN(x))), for x
+ * channels-last [N,C,H,W] (float32, or bfloat16 under autocast), BatchNorm's weight, bias
+ * and running statistics float32 [C].
+ *
+ * Forward, in training, first takes each channel's mean and variance over the batch: each
+ * image's mean and sum of squared deviations (two passes over an image, which stays in
+ * cache), then those of the batch from the images' in image order, in double precision, so
+ * the result does not depend on the thread count. It updates the running statistics as
+ * PyTorch does (the unbiased variance). In evaluation it uses the running statistics.
+ * Then one pass normalises each window's four values (x * scale + shift, rounded to
+ * bfloat16 in bf16 as PyTorch's bf16 BatchNorm returns them), pools them with ReLU as
+ * pool2x2 does (codes 0-4), and writes only the pooled result.
+ * Backward, from the output gradient and the codes: per image then per batch, the sums of
+ * the gradient reaching BatchNorm's output (the bias gradient) and of it times the
+ * normalised input (the weight gradient), then every input element's gradient once:
+ * scale * (g - mean(g) - xhat * mean(g * xhat)) after batch statistics, scale * g after
+ * running ones, where g is zero off each window's maximum (and in a last odd row or
+ * column, which no window covers). */
+#define BN_MAX_V 128 /* channels / 8 */
+
+static inline __attribute__((always_inline)) f8 bn_load(const void *base, int64_t at, int bf16) {
+    return f8_load((const char *)base + at * (bf16 ? 2 : 4), bf16);
+}
+
+/* Stores `v`, rounded to bfloat16 first in bf16. */
+static inline __attribute__((always_inline)) void bn_store(void *base, int64_t at, f8 v,
+                                                           int bf16) {
+    f8_store((char *)base + at * (bf16 ? 2 : 4), bf16 ? f8_round_bf16(v) : v, bf16);
+}
+
+static inline __attribute__((always_inline)) i8 bn_codes(const uint8_t *at) {
+    byte8 bytes;
+    memcpy(&bytes, at, sizeof bytes);
+    return __builtin_convertvector(bytes, i8);
+}
+
+/* The mean and sum of squared deviations of each channel of one image [H*W, C]. */
+static inline __attribute__((always_inline)) void bn_image_stats(
+    const void *img, f8 *mean, f8 *m2, int64_t hw, int64_t c, int bf16) {
+    /* Four sums of every fourth pixel, added at the end: four independent chains of
+     * additions keep the vector units busy, one chain would wait on each. */
+    for (int64_t v = 0; v < c / 8; v++) {
+        f8 sums[4] = {{0}}, squares[4] = {{0}};
+        int64_t p = 0;
+        for (; p + 4 <= hw; p += 4)
+            for (int u = 0; u < 4; u++) sums[u] += bn_load(img, (p + u) * c + 8 * v, bf16);
+        for (; p < hw; p++) sums[0] += bn_load(img, p * c + 8 * v, bf16);
+        const f8 m = ((sums[0] + sums[1]) + (sums[2] + sums[3])) / (float)hw;
+        for (p = 0; p + 4 <= hw; p += 4)
+            for (int u = 0; u < 4; u++) {
+                const f8 d = bn_load(img, (p + u) * c + 8 * v, bf16) - m;
+                squares[u] += d * d;
+            }
+        for (; p < hw; p++) {
+            const f8 d = bn_load(img, p * c + 8 * v, bf16) - m;
+            squares[0] += d * d;
+        }
+        mean[v] = m;
+        m2[v] = (squares[0] + squares[1]) + (squares[2] + squares[3]);
+    }
+}
+
+/* The batch's mean and 1/std per channel from each image's, in image order, in double
+ * precision; the running statistics updated as PyTorch does (with the unbiased variance). */
+static void bn_batch_stats(const float *part, int64_t n, int64_t hw, int64_t c,
+                           float *running_mean, float *running_var, double momentum, double eps,
+                           float *mean, float *rstd) {
+    for (int64_t k = 0; k < c; k++) {
+        double m = 0.0, sq = 0.0;
+        for (int64_t b = 0; b < n; b++) m += part[2 * b * c + k];
+        m /= (double)n;
+        for (int64_t b = 0; b < n; b++) {
+            const double d = part[2 * b * c + k] - m;
+            sq += part[(2 * b + 1) * c + k] + (double)hw * d * d;
+        }
+        const double count = (double)n * (double)hw, var = sq / count;
+        mean[k] = (float)m;
+        rstd[k] = (float)(1.0 / sqrt(var + eps));
+        if (running_mean) {
+            running_mean[k] = (float)((1.0 - momentum) * running_mean[k] + momentum * m);
+            running_var[k] = (float)((1.0 - momentum) * running_var[k]
+                                     + momentum * var * count / (count - 1.0));
+        }
+    }
+}
+
+static void bn_running_stats(const float *running_mean, const float *running_var, double eps,
+                             int64_t c, float *mean, float *rstd) {
+    for (int64_t k = 0; k < c; k++) {
+        mean[k] = running_mean[k];
+        rstd[k] = (float)(1.0 / sqrt((double)running_var[k] + eps));
+    }
+}
+
+/* Normalises, pools and applies ReLU to one row of windows (as pool2x2 codes them). */
+static inline __attribute__((always_inline)) void bn_pool_row(
+    const void *x, const f8 *scale, const f8 *shift, void *y, uint8_t *code, int64_t row,
+    int64_t h, int64_t w, int64_t c, int bf16) {
+    const int64_t h2 = h / 2, w2 = w / 2;
+    const int64_t top = (row / h2 * h + 2 * (row % h2)) * w * c, bottom = top + w * c;
+    for (int64_t j = 0; j < w2; j++) {
+        const int64_t at = (row * w2 + j) * c;
+        const int64_t offsets[4] = {top + 2 * j * c, top + (2 * j + 1) * c, bottom + 2 * j * c,
+                                    bottom + (2 * j + 1) * c};
+        for (int64_t v = 0; v < c / 8; v++) {
+            f8 best = {0};
+            i8 where = {0};
+            for (int p = 0; p < 4; p++) {
+                f8 z = bn_load(x, offsets[p] + 8 * v, bf16) * scale[v] + shift[v];
+                if (bf16) z = f8_round_bf16(z);
+                const i8 take = p == 0 ? ~(i8){0} : (z > best) | (z != z);
+                best = f8_select(take, z, best);
+                where = (take & p) | (~take & where);
+            }
+            const f8 zero = {0};
+            f8_store((char *)y + (at + 8 * v) * (bf16 ? 2 : 4), f8_select(best < zero, zero, best),
+                     bf16);
+            where = ((best <= zero) & 4) | (~(best <= zero) & where);
+            const byte8 bytes = i8_low_bytes(where);
+            memcpy(code + at + 8 * v, &bytes, sizeof bytes);
+        }
+    }
+}
+
+/* One image's sums of the gradient reaching BatchNorm's output, and of it times x - mean. */
+static inline __attribute__((always_inline)) void bn_image_grad_sums(
+    const void *x, const void *grad, const uint8_t *code, const f8 *mean, float *part,
+    int64_t b, int64_t h, int64_t w, int64_t c, int bf16) {
+    const int64_t h2 = h / 2, w2 = w / 2, vectors = c / 8;
+    f8 sum_g[BN_MAX_V], sum_gx[BN_MAX_V];
+    memset(sum_g, 0, vectors * sizeof(f8));
+    memset(sum_gx, 0, vectors * sizeof(f8));
+    for (int64_t i = 0; i < h2; i++) {
+        const int64_t top = (b * h + 2 * i) * w * c, bottom = top + w * c;
+        for (int64_t j = 0; j < w2; j++) {
+            const int64_t at = ((b * h2 + i) * w2 + j) * c;
+            for (int64_t v = 0; v < vectors; v++) {
+                const i8 where = bn_codes(code + at + 8 * v);
+                const f8 g = f8_select(where < 4, bn_load(grad, at + 8 * v, bf16), (f8){0});
+                f8 value = bn_load(x, bottom + (2 * j + 1) * c + 8 * v, bf16);
+                value = f8_select(where == 2, bn_load(x, bottom + 2 * j * c + 8 * v, bf16), value);
+                value = f8_select(where == 1, bn_load(x, top + (2 * j + 1) * c + 8 * v, bf16), value);
+                value = f8_select(where == 0, bn_load(x, top + 2 * j * c + 8 * v, bf16), value);
+                sum_g[v] += g;
+                sum_gx[v] += g * (value - mean[v]);
+            }
+        }
+    }
+    memcpy(part + 2 * b * c, sum_g, c * sizeof(float));
+    memcpy(part + (2 * b + 1) * c, sum_gx, c * sizeof(float));
+}
+
+/* From the images' sums, in image order: the weight and bias gradients, and each channel's
+ * input gradient a * g + slope * (x - mean) + offset (slope and offset zero after running
+ * statistics, where BatchNorm is a fixed affine map). */
+static void bn_grad_coefficients(const float *part, int64_t n, int64_t hw, int64_t c,
+                                 const float *weight, const float *rstd, int train,
+                                 float *grad_weight, float *grad_bias, f8 *a, f8 *slope,
+                                 f8 *offset) {
+    const double count = (double)n * (double)hw;
+    for (int64_t k = 0; k < c; k++) {
+        double sg = 0.0, sgx = 0.0;
+        for (int64_t b = 0; b < n; b++) {
+            sg += part[2 * b * c + k];
+            sgx += part[(2 * b + 1) * c + k];
+        }
+        const double r = rstd[k], scale = (double)weight[k] * r;
+        grad_bias[k] = (float)sg;
+        grad_weight[k] = (float)(sgx * r);
+        a[k / 8][k % 8] = (float)scale;
+        slope[k / 8][k % 8] = train ? (float)(-scale * r * r * sgx / count) : 0.0f;
+        offset[k / 8][k % 8] = train ? (float)(-scale * sg / count) : 0.0f;
+    }
+}
+
+/* The gradient of `count` pixels no window covers: slope * (x - mean) + offset. */
+static inline __attribute__((always_inline)) void bn_uncovered(
+    const void *x, void *grad_x, int64_t from, int64_t count, const f8 *mean, const f8 *slope,
+    const f8 *offset, int64_t c, int bf16) {
+    for (int64_t e = 0; e < count; e++)
+        for (int64_t v = 0; v < c / 8; v++) {
+            const int64_t at = from + e * c + 8 * v;
+            bn_store(grad_x, at, slope[v] * (bn_load(x, at, bf16) - mean[v]) + offset[v], bf16);
+        }
+}
+
+/* The input gradient of the two image rows under one row of windows. */
+static inline __attribute__((always_inline)) void bn_grad_row(
+    const void *x, const void *grad, const uint8_t *code, const f8 *mean, const f8 *a,
+    const f8 *slope, const f8 *offset, void *grad_x, int64_t row, int64_t h, int64_t w,
+    int64_t c, int bf16) {
+    const int64_t h2 = h / 2, w2 = w / 2;
+    const int64_t top = (row / h2 * h + 2 * (row % h2)) * w * c, bottom = top + w * c;
+    for (int64_t j = 0; j < w2; j++) {
+        const int64_t at = (row * w2 + j) * c;
+        const int64_t offsets[4] = {top + 2 * j * c, top + (2 * j + 1) * c, bottom + 2 * j * c,
+                                    bottom + (2 * j + 1) * c};
+        for (int64_t v = 0; v < c / 8; v++) {
+            const i8 where = bn_codes(code + at + 8 * v);
+            const f8 ag = a[v] * bn_load(grad, at + 8 * v, bf16), zero = {0};
+            for (int p = 0; p < 4; p++) {
+                const int64_t e = offsets[p] + 8 * v;
+                const f8 d = bn_load(x, e, bf16) - mean[v];
+                bn_store(grad_x, e, f8_select(where == p, ag, zero) + slope[v] * d + offset[v], bf16);
+            }
+        }
+    }
+    if (w % 2) { /* a last odd column */
+        bn_uncovered(x, grad_x, top + 2 * w2 * c, 1, mean, slope, offset, c, bf16);
+        bn_uncovered(x, grad_x, bottom + 2 * w2 * c, 1, mean, slope, offset, c, bf16);
+    }
+}
+
+/* The OpenMP loops live in these per-type functions, so each loop body is compiled with its
+ * type known (an outlined loop of a shared function would test it at every element). */
+#define BNPOOL_KERNELS(SUFFIX, BF16)                                                         \
+    void bnpool_forward_##SUFFIX(const void *x, const float *weight, const float *bias,     \
+                                 float *running_mean, float *running_var, double momentum,  \
+                                 double eps, int train, float *part, float *mean,           \
+                                 float *rstd, void *y, uint8_t *code, int64_t n, int64_t h, \
+                                 int64_t w, int64_t c, int threads) {                       \
+        const int64_t hw = h * w, size = BF16 ? 2 : 4;                                      \
+        const int team = POOL2X2_THREADS(n, h, w, c, threads);                              \
+        (void)team;                                                                         \
+        if (train) {                                                                        \
+            _Pragma("omp parallel for schedule(static) num_threads(team)")                  \
+            for (int64_t b = 0; b < n; b++)                                                 \
+                bn_image_stats((const char *)x + b * hw * c * size, (f8 *)(part + 2 * b * c), \
+                               (f8 *)(part + (2 * b + 1) * c), hw, c, BF16);                \
+            bn_batch_stats(part, n, hw, c, running_mean, running_var, momentum, eps, mean,  \
+                           rstd);                                                           \
+        } else {                                                                            \
+            bn_running_stats(running_mean, running_var, eps, c, mean, rstd);                \
+        }                                                                                   \
+        f8 scale[BN_MAX_V], shift[BN_MAX_V];                                                \
+        for (int64_t k = 0; k < c; k++) {                                                   \
+            const float s = weight[k] * rstd[k];                                            \
+            scale[k / 8][k % 8] = s;                                                        \
+            shift[k / 8][k % 8] = bias[k] - mean[k] * s;                                    \
+        }                                                                                   \
+        _Pragma("omp parallel for schedule(static) num_threads(team)")                      \
+        for (int64_t row = 0; row < n * (h / 2); row++)                                     \
+            bn_pool_row(x, scale, shift, y, code, row, h, w, c, BF16);                      \
+    }                                                                                       \
+                                                                                            \
+    void bnpool_backward_##SUFFIX(const void *x, const void *grad, const uint8_t *code,     \
+                                  const float *weight, const float *mean_in,                \
+                                  const float *rstd, int train, float *part,                \
+                                  float *grad_weight, float *grad_bias, void *grad_x,       \
+                                  int64_t n, int64_t h, int64_t w, int64_t c, int threads) { \
+        const int team = POOL2X2_THREADS(n, h, w, c, threads);                              \
+        (void)team;                                                                         \
+        f8 mean[BN_MAX_V], a[BN_MAX_V], slope[BN_MAX_V], offset[BN_MAX_V];                  \
+        memcpy(mean, mean_in, c * sizeof(float));                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(team)")                      \
+        for (int64_t b = 0; b < n; b++)                                                     \
+            bn_image_grad_sums(x, grad, code, mean, part, b, h, w, c, BF16);                \
+        bn_grad_coefficients(part, n, h * w, c, weight, rstd, train, grad_weight, grad_bias, \
+                             a, slope, offset);                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(team)")                      \
+        for (int64_t row = 0; row < n * (h / 2); row++)                                     \
+            bn_grad_row(x, grad, code, mean, a, slope, offset, grad_x, row, h, w, c, BF16); \
+        if (h % 2) /* a last odd row */                                                     \
+            for (int64_t b = 0; b < n; b++)                                                 \
+                bn_uncovered(x, grad_x, (b * h + h - 1) * w * c, w, mean, slope, offset, c, \
+                             BF16);                                                         \
+    }
+
+BNPOOL_KERNELS(f32, 0)
+BNPOOL_KERNELS(bf16, 1)

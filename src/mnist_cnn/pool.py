@@ -78,6 +78,8 @@ class _Kernels:
     pool_backward: ctypes._CFuncPtr
     stage_forward: ctypes._CFuncPtr
     stage_backward: ctypes._CFuncPtr
+    norm_forward: ctypes._CFuncPtr
+    norm_backward: ctypes._CFuncPtr
 
 
 _lock = threading.Lock()
@@ -206,12 +208,14 @@ def _load() -> dict[torch.dtype, _Kernels] | None:
         except (OSError, AttributeError, subprocess.SubprocessError) as exc:
             _why_not = f"pooling kernel unavailable: {exc}"
             return None
-        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        i64, ptr, cint, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
         signatures = {
             "pool2x2_forward": [ptr, ptr, ptr, i64, i64, i64, i64, cint, cint],
             "pool2x2_backward": [ptr, ptr, ptr, i64, i64, i64, i64, cint],
             "stage1_forward": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint],
             "stage1_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint],
+            "bnpool_forward": [ptr] * 5 + [f64, f64, cint] + [ptr] * 5 + [i64] * 4 + [cint],
+            "bnpool_backward": [ptr] * 6 + [cint] + [ptr] * 4 + [i64] * 4 + [cint],
         }
         kernels = {}
         for dtype, suffix in ((torch.bfloat16, "bf16"), (torch.float32, "f32")):
@@ -409,3 +413,114 @@ def first_stage(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and wanted:
         return _FirstStage.apply(x, conv.weight, conv.bias, dtype)
     return _first_stage_forward(x, conv.weight, conv.bias, dtype)[0]
+
+
+# BatchNorm's channels in the BatchNorm-pooling kernel: whole vectors of 8, at most 128 of
+# them (its per-channel buffers live on the stack).
+_NORM_MAX_CHANNELS = 1024
+
+
+def norm_pool_relu_applies(
+    norm: nn.Module, pool: nn.Module, relu: nn.Module, x: torch.Tensor
+) -> bool:
+    """Whether `relu(pool(norm(x)))` may run as one `norm_pool_relu` call: BatchNorm2d with
+    its weight and bias (float32, on the CPU) on a multiple of 8 channels up to 1024,
+    `MaxPool2x2` and ReLU, none hooked, on an input the pooling kernel takes (at least 2x2,
+    so more than one value per channel, as BatchNorm needs in training)."""
+    if not (
+        type(norm) is nn.BatchNorm2d
+        and type(pool) is MaxPool2x2
+        and type(relu) is nn.ReLU
+        and not _hooked(norm, pool, relu)
+        and _kernel_applies(x)
+    ):
+        return False
+    c = x.shape[1]
+    tensors = [norm.weight, norm.bias]
+    if norm.track_running_stats:
+        tensors += [norm.running_mean, norm.running_var]
+    return (
+        norm.affine
+        and c == norm.num_features
+        and c % 8 == 0
+        and c <= _NORM_MAX_CHANNELS
+        and all(
+            t is not None and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors
+        )
+    )
+
+
+def _uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
+    return norm.training or norm.running_mean is None
+
+
+def _momentum(norm: nn.BatchNorm2d) -> float:
+    """The weight of this batch in the running statistics, as `nn.BatchNorm2d` computes it
+    (counting the batch in `num_batches_tracked`, as it does)."""
+    if not (norm.training and norm.track_running_stats):
+        return 0.0
+    norm.num_batches_tracked.add_(1)
+    if norm.momentum is None:  # a cumulative average
+        return 1.0 / float(norm.num_batches_tracked)
+    return norm.momentum
+
+
+def _norm_pool_forward(norm: nn.BatchNorm2d, x: torch.Tensor):
+    """(output, code, mean, 1/std) of BatchNorm -> 2x2 max pooling -> ReLU through the C
+    kernel, updating the running statistics in training."""
+    n, c, h, w = x.shape
+    train = _uses_batch_statistics(norm)
+    running = norm.running_mean is not None
+    momentum = _momentum(norm) if running else 0.0
+    y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+    code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
+    part = torch.empty((n, 2, c), dtype=torch.float32) if train else None
+    mean = torch.empty(c, dtype=torch.float32)
+    rstd = torch.empty(c, dtype=torch.float32)
+    _kernels[x.dtype].norm_forward(
+        x.data_ptr(), norm.weight.data_ptr(), norm.bias.data_ptr(),
+        norm.running_mean.data_ptr() if running else None,
+        norm.running_var.data_ptr() if running else None,
+        momentum, norm.eps, int(train), part.data_ptr() if train else None,
+        mean.data_ptr(), rstd.data_ptr(), y.data_ptr(), code.data_ptr(),
+        n, h, w, c, torch.get_num_threads(),
+    )  # fmt: skip
+    return y, code, mean, rstd
+
+
+class _NormPoolReLU(torch.autograd.Function):
+    """relu(max_pool2d(batch_norm(x), 2)) through the C kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, norm):
+        ctx.train = _uses_batch_statistics(norm)
+        y, code, mean, rstd = _norm_pool_forward(norm, x)
+        ctx.save_for_backward(x, code, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, code, weight, mean, rstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        grad_weight = torch.empty(c, dtype=torch.float32)
+        grad_bias = torch.empty(c, dtype=torch.float32)
+        part = torch.empty((n, 2, c), dtype=torch.float32)
+        _kernels[x.dtype].norm_backward(
+            x.data_ptr(), grad.data_ptr(), code.data_ptr(), weight.data_ptr(), mean.data_ptr(),
+            rstd.data_ptr(), int(ctx.train), part.data_ptr(), grad_weight.data_ptr(),
+            grad_bias.data_ptr(), grad_x.data_ptr(), n, h, w, c, torch.get_num_threads(),
+        )  # fmt: skip
+        return grad_x, grad_weight, grad_bias, None
+
+
+def norm_pool_relu(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(max_pool2d(norm(x), 2)) in one pass, running statistics updated as `norm`
+    would; call only where `norm_pool_relu_applies`."""
+    wanted = x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad
+    if torch.is_grad_enabled() and wanted:
+        return _NormPoolReLU.apply(x, norm.weight, norm.bias, norm)
+    with torch.no_grad():
+        return _norm_pool_forward(norm, x)[0]
