@@ -95,10 +95,11 @@ def median_seconds(work: Callable[[], object], repeats: int) -> float:
 
 
 def seconds_per_epoch(history: Sequence[dict]) -> list[float]:
-    """Training seconds of each epoch from `fit`'s history run with `eval_every=0`: the
-    rows after the untrained one are the epoch ends, with cumulative training seconds."""
-    cumulative = [row["seconds"] for row in history if row["step"] > 0]
-    return [b - a for a, b in itertools.pairwise([0.0, *cumulative])]
+    """Training seconds per epoch over each stretch of `fit`'s history run with
+    `eval_every=0`: the rows after the untrained one are the epoch ends (the last may end a
+    part of an epoch, as in `fast`'s 1.6), with cumulative training seconds and epochs."""
+    rows = [(0.0, 0.0)] + [(row["epoch"], row["seconds"]) for row in history if row["step"] > 0]
+    return [(s1 - s0) / (e1 - e0) for (e0, s0), (e1, s1) in itertools.pairwise(rows)]
 
 
 def time_to_target(

@@ -169,6 +169,16 @@ REFERENCE = [
 ]
 
 
+def test_seconds_per_epoch_scales_a_last_part_of_an_epoch_to_a_whole_one():
+    """`fast` trains 1.6 epochs: its last stretch is 0.6 of an epoch, not an epoch."""
+    history = [
+        {"epoch": 0.0, "step": 0, "seconds": 0.0},
+        {"epoch": 1.0, "step": 469, "seconds": 3.0},
+        {"epoch": 1.6, "step": 751, "seconds": 4.8},
+    ]
+    assert measure.seconds_per_epoch(history) == pytest.approx([3.0, 3.0])
+
+
 def test_median_or_none_treats_none_as_never():
     assert harness.median_or_none([3.0, None, 1.0]) == 3.0
     assert harness.median_or_none([None, None, 1.0]) is None
