@@ -337,7 +337,9 @@ def test_serve_can_answer_in_the_browser_as_well(browser, live_server):
         pytest.skip(f"serve cannot answer in the browser here: {config.get('browser_note')}")
     watched = Watched(browser, f"{live_server}/?mode=browser")
     page = watched.page
-    assert page.is_visible("#mode") and page.is_checked("input[value=browser]")
+    # the choice appears once the page has fetched its model.json: wait for it
+    expect(page.locator("#mode")).to_be_visible()
+    expect(page.locator("input[value=browser]")).to_be_checked()
     watched.wait_until_ready()
     draw(page, 3)
     expect(page.locator("body")).to_have_attribute("data-answered-by", "browser")

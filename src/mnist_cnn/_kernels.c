@@ -370,7 +370,7 @@ static inline __attribute__((always_inline)) i8 bn_codes(const uint8_t *at) {
 
 /* The mean and sum of squared deviations of each channel of one image [H*W, C]. */
 static inline __attribute__((always_inline)) void bn_image_stats(
-    const void *img, f8 *mean, f8 *m2, int64_t hw, int64_t c, int bf16) {
+    const void *img, float *mean, float *m2, int64_t hw, int64_t c, int bf16) {
     /* Four sums of every fourth pixel, added at the end: four independent chains of
      * additions keep the vector units busy, one chain would wait on each. */
     for (int64_t v = 0; v < c / 8; v++) {
@@ -389,8 +389,9 @@ static inline __attribute__((always_inline)) void bn_image_stats(
             const f8 d = bn_load(img, p * c + 8 * v, bf16) - m;
             squares[0] += d * d;
         }
-        mean[v] = m;
-        m2[v] = (squares[0] + squares[1]) + (squares[2] + squares[3]);
+        const f8 m2v = (squares[0] + squares[1]) + (squares[2] + squares[3]);
+        memcpy(mean + 8 * v, &m, sizeof m);
+        memcpy(m2 + 8 * v, &m2v, sizeof m2v);
     }
 }
 
@@ -559,8 +560,8 @@ static inline __attribute__((always_inline)) void bn_grad_row(
         if (train) {                                                                        \
             _Pragma("omp parallel for schedule(static) num_threads(team)")                  \
             for (int64_t b = 0; b < n; b++)                                                 \
-                bn_image_stats((const char *)x + b * hw * c * size, (f8 *)(part + 2 * b * c), \
-                               (f8 *)(part + (2 * b + 1) * c), hw, c, BF16);                \
+                bn_image_stats((const char *)x + b * hw * c * size, part + 2 * b * c,       \
+                               part + (2 * b + 1) * c, hw, c, BF16);                        \
             bn_batch_stats(part, n, hw, c, running_mean, running_var, momentum, eps, mean,  \
                            rstd);                                                           \
         } else {                                                                            \

@@ -40,7 +40,9 @@ apply ReLU, writing only the pooled result and a code; backward sums what BatchN
 from the pooled gradient and writes each input gradient once. 128 images of 32x14x14:
 forward and backward 1.06 -> 0.43 ms in float32, 0.81 -> 0.55 ms in bf16; a training step
 of `fast` 0.91x in float32, 0.93x in bf16 (`step_time.py --model fast`). It agrees with the
-layers to float rounding (statistics in double precision where PyTorch sums in float).
+layers to float rounding, and is the closer of the two to exact arithmetic: on 128 images
+of 32x28x28 its float32 output is within 1e-6 of a float64 computation, PyTorch's within
+3e-5 (it sums the statistics in double precision).
 
 The kernels are compiled with the system C compiler on first use (under a second) and
 cached beside the data (`<cache>/kernels`). A cached library is loaded only if this user
