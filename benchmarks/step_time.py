@@ -24,6 +24,7 @@ precision on the same threads, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -85,11 +86,17 @@ def _trainer(variant: tuple[bool, ...], precision: str):
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+    return _step_function(model, optimizer, layout, bf16)
+
+
+def _step_function(model, optimizer, layout, bf16: bool, within=contextlib.nullcontext):
+    """The training step of `model` on batch `step` of (images, labels), its forward run
+    within the context `within()` makes."""
 
     def train_step(images: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         batch = slice(step * BATCH, (step + 1) * BATCH)
         x = images[batch].unsqueeze(1).float().div_(255).contiguous(memory_format=layout)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with within(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), labels[batch])
         optimizer.zero_grad(set_to_none=True)
@@ -142,19 +149,8 @@ def _model_trainer(model_name: str, variant: tuple[bool, ...], precision: str):
     torch.manual_seed(0)
     model = build_model(model_name).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-
-    def train_step(images: torch.Tensor, labels: torch.Tensor, step: int) -> None:
-        batch = slice(step * BATCH, (step + 1) * BATCH)
-        x = images[batch].unsqueeze(1).float().div_(255)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with _Kernels(*variant), torch.autocast("cpu", torch.bfloat16, precision == "bf16"):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return train_step
+    return _step_function(model, optimizer, torch.channels_last, precision == "bf16",
+                          lambda: _Kernels(*variant))  # fmt: skip
 
 
 def kernel_variants(model_name: str) -> dict[str, tuple[bool, ...]]:

@@ -29,6 +29,14 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _count_calls(monkeypatch, name: str) -> list:
+    """A list that gains an item at each call of `pool.<name>`, which still runs."""
+    calls = []
+    kernel = getattr(pool, name)
+    monkeypatch.setattr(pool, name, lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
 def _pool_both_ways(x: torch.Tensor, grad: torch.Tensor):
     """(output, input gradient) from PyTorch's pooling and from the kernel."""
     native_in = x.clone().requires_grad_()
@@ -273,9 +281,7 @@ def test_first_stage_passes_nan_on_as_the_plain_layers_do():
 
 @needs_kernel
 def test_the_first_stage_kernel_runs_where_it_applies_and_nowhere_else(monkeypatch):
-    calls = []
-    kernel = pool._first_stage_forward
-    monkeypatch.setattr(pool, "_first_stage_forward", lambda *a: calls.append(1) or kernel(*a))
+    calls = _count_calls(monkeypatch, "_first_stage_forward")
     torch.manual_seed(0)
     model = build_model("seed").to(memory_format=torch.channels_last)
     assert isinstance(model, ConvNet)
@@ -482,9 +488,7 @@ def test_batchnorm_stage_gives_the_same_bits_on_any_number_of_threads():
 
 @needs_kernel
 def test_batchnorm_stage_runs_where_it_applies_and_nowhere_else(monkeypatch):
-    calls = []
-    kernel = pool._norm_pool_forward
-    monkeypatch.setattr(pool, "_norm_pool_forward", lambda *a: calls.append(1) or kernel(*a))
+    calls = _count_calls(monkeypatch, "_norm_pool_forward")
     torch.manual_seed(0)
     model = build_model("fast").to(memory_format=torch.channels_last)
     x = _channels_last(torch.rand(4, 1, 28, 28))

@@ -427,6 +427,11 @@ static void bn_running_stats(const float *running_mean, const float *running_var
     }
 }
 
+/* Where the four elements of window j start, given where its two rows start. */
+#define BN_WINDOW(TOP, BOTTOM, J, C) \
+    {(TOP) + 2 * (J) * (C), (TOP) + (2 * (J) + 1) * (C), (BOTTOM) + 2 * (J) * (C), \
+     (BOTTOM) + (2 * (J) + 1) * (C)}
+
 /* Normalises, pools and applies ReLU to one row of windows (as pool2x2 codes them). */
 static inline __attribute__((always_inline)) void bn_pool_row(
     const void *x, const f8 *scale, const f8 *shift, void *y, uint8_t *code, int64_t row,
@@ -435,8 +440,7 @@ static inline __attribute__((always_inline)) void bn_pool_row(
     const int64_t top = (row / h2 * h + 2 * (row % h2)) * w * c, bottom = top + w * c;
     for (int64_t j = 0; j < w2; j++) {
         const int64_t at = (row * w2 + j) * c;
-        const int64_t offsets[4] = {top + 2 * j * c, top + (2 * j + 1) * c, bottom + 2 * j * c,
-                                    bottom + (2 * j + 1) * c};
+        const int64_t offsets[4] = BN_WINDOW(top, bottom, j, c);
         for (int64_t v = 0; v < c / 8; v++) {
             f8 best = {0};
             i8 where = {0};
@@ -528,8 +532,7 @@ static inline __attribute__((always_inline)) void bn_grad_row(
     const int64_t top = (row / h2 * h + 2 * (row % h2)) * w * c, bottom = top + w * c;
     for (int64_t j = 0; j < w2; j++) {
         const int64_t at = (row * w2 + j) * c;
-        const int64_t offsets[4] = {top + 2 * j * c, top + (2 * j + 1) * c, bottom + 2 * j * c,
-                                    bottom + (2 * j + 1) * c};
+        const int64_t offsets[4] = BN_WINDOW(top, bottom, j, c);
         for (int64_t v = 0; v < c / 8; v++) {
             const i8 where = bn_codes(code + at + 8 * v);
             const f8 ag = a[v] * bn_load(grad, at + 8 * v, bf16), zero = {0};
