@@ -509,3 +509,63 @@ def test_batchnorm_stage_runs_where_it_applies_and_nowhere_else(monkeypatch):
     monkeypatch.setenv(pool.NATIVE_ENV, "1")
     model.train()(x)
     assert len(calls) == 5
+
+
+@needs_kernel
+def test_batchnorm_stage_with_running_statistics_keeps_inf_and_nan_out_of_other_gradients():
+    """With running statistics BatchNorm is a fixed affine map: an input's gradient is its
+    own output gradient times the scale, whatever other inputs hold (inf * 0 is NaN)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 5)
+    x[0, 0, 0, 0] = float("inf")
+    x[1, 3, 4, 4] = float("nan")  # in the last odd row and column: no window covers it
+    x[0, 1, 2, 2] = float("nan")
+    grad = torch.randn(2, 8, 2, 2)
+    plain, fused = _norm_both_ways(_channels_last(x), grad, False, train=False)
+    # output, input gradient, bias gradient (PyTorch's weight gradient sums zero gradients
+    # times every input, so a NaN that no window reads makes its channel's NaN; the
+    # kernel sums only what reaches the output)
+    for a, b in zip([fused[i] for i in (0, 1, 3)], [plain[i] for i in (0, 1, 3)], strict=True):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@needs_kernel
+def test_batchnorm_stage_leaves_untracked_running_statistics_alone():
+    """`track_running_stats` switched off after construction: training uses the batch's
+    statistics and, as BatchNorm does, neither reads nor writes the buffers it keeps."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(8)
+    norm.track_running_stats = False
+    x = torch.randn(2, 8, 4, 4)
+    x[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        pool.norm_pool_relu(norm, _channels_last(x))
+    assert torch.equal(norm.running_mean, torch.zeros(8))
+    assert torch.equal(norm.running_var, torch.ones(8))
+    assert norm.num_batches_tracked.item() == 0
+
+
+@needs_kernel
+def test_backward_and_global_hooks_turn_the_fused_stages_off(monkeypatch):
+    """A backward hook on a layer, or a hook registered for every module, must see the
+    layers called one by one."""
+    calls = _count_calls(monkeypatch, "_norm_pool_forward")
+    torch.manual_seed(0)
+    model = build_model("fast").to(memory_format=torch.channels_last)
+    x = _channels_last(torch.rand(2, 1, 28, 28))
+    fired = []
+    hook = model[4].register_full_backward_hook(lambda *args: fired.append(1))
+    model(x).sum().backward()
+    hook.remove()
+    assert fired == [1] and len(calls) == 1  # the third stage still fused
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(type(module).__name__)
+    )
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    assert seen.count("BatchNorm2d") == 2 and seen.count("MaxPool2x2") == 3
+    assert len(calls) == 1

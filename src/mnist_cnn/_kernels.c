@@ -338,8 +338,8 @@ STAGE1_KERNELS(bf16, 1)
  *
  * Forward, in training, first takes each channel's mean and variance over the batch: each
  * image's mean and sum of squared deviations (two passes over an image, which stays in
- * cache), then those of the batch from the images' in image order, in double precision, so
- * the result does not depend on the thread count. It updates the running statistics as
+ * cache), then those of the batch from the images' in image order (so the result does not
+ * depend on the thread count), in double precision. It updates the running statistics as
  * PyTorch does (the unbiased variance). In evaluation it uses the running statistics.
  * Then one pass normalises each window's four values (x * scale + shift, rounded to
  * bfloat16 in bf16 as PyTorch's bf16 BatchNorm returns them), pools them with ReLU as
@@ -395,8 +395,9 @@ static inline __attribute__((always_inline)) void bn_image_stats(
     }
 }
 
-/* The batch's mean and 1/std per channel from each image's, in image order, in double
- * precision; the running statistics updated as PyTorch does (with the unbiased variance). */
+/* The batch's mean and 1/std per channel from each image's, added in image order (so the
+ * result does not depend on the thread count) in double precision; the running statistics
+ * updated as PyTorch does (with the unbiased variance) where they are given. */
 static void bn_batch_stats(const float *part, int64_t n, int64_t hw, int64_t c,
                            float *running_mean, float *running_var, double momentum, double eps,
                            float *mean, float *rstd) {
@@ -512,22 +513,25 @@ static void bn_grad_coefficients(const float *part, int64_t n, int64_t hw, int64
     }
 }
 
-/* The gradient of `count` pixels no window covers: slope * (x - mean) + offset. */
+/* The gradient of `count` pixels no window covers: slope * (x - mean) + offset after batch
+ * statistics, zero after running ones (where x must not enter: inf * 0 would be NaN). */
 static inline __attribute__((always_inline)) void bn_uncovered(
     const void *x, void *grad_x, int64_t from, int64_t count, const f8 *mean, const f8 *slope,
-    const f8 *offset, int64_t c, int bf16) {
+    const f8 *offset, int train, int64_t c, int bf16) {
     for (int64_t e = 0; e < count; e++)
         for (int64_t v = 0; v < c / 8; v++) {
             const int64_t at = from + e * c + 8 * v;
-            bn_store(grad_x, at, slope[v] * (bn_load(x, at, bf16) - mean[v]) + offset[v], bf16);
+            const f8 d = bn_load(x, at, bf16) - mean[v], zero = {0};
+            bn_store(grad_x, at, train ? slope[v] * d + offset[v] : zero, bf16);
         }
 }
 
-/* The input gradient of the two image rows under one row of windows. */
+/* The input gradient of the two image rows under one row of windows: a * g, plus
+ * slope * (x - mean) + offset after batch statistics. */
 static inline __attribute__((always_inline)) void bn_grad_row(
     const void *x, const void *grad, const uint8_t *code, const f8 *mean, const f8 *a,
-    const f8 *slope, const f8 *offset, void *grad_x, int64_t row, int64_t h, int64_t w,
-    int64_t c, int bf16) {
+    const f8 *slope, const f8 *offset, int train, void *grad_x, int64_t row, int64_t h,
+    int64_t w, int64_t c, int bf16) {
     const int64_t h2 = h / 2, w2 = w / 2;
     const int64_t top = (row / h2 * h + 2 * (row % h2)) * w * c, bottom = top + w * c;
     for (int64_t j = 0; j < w2; j++) {
@@ -539,13 +543,14 @@ static inline __attribute__((always_inline)) void bn_grad_row(
             for (int p = 0; p < 4; p++) {
                 const int64_t e = offsets[p] + 8 * v;
                 const f8 d = bn_load(x, e, bf16) - mean[v];
-                bn_store(grad_x, e, f8_select(where == p, ag, zero) + slope[v] * d + offset[v], bf16);
+                const f8 own = f8_select(where == p, ag, zero);
+                bn_store(grad_x, e, train ? own + slope[v] * d + offset[v] : own, bf16);
             }
         }
     }
     if (w % 2) { /* a last odd column */
-        bn_uncovered(x, grad_x, top + 2 * w2 * c, 1, mean, slope, offset, c, bf16);
-        bn_uncovered(x, grad_x, bottom + 2 * w2 * c, 1, mean, slope, offset, c, bf16);
+        bn_uncovered(x, grad_x, top + 2 * w2 * c, 1, mean, slope, offset, train, c, bf16);
+        bn_uncovered(x, grad_x, bottom + 2 * w2 * c, 1, mean, slope, offset, train, c, bf16);
     }
 }
 
@@ -597,11 +602,12 @@ static inline __attribute__((always_inline)) void bn_grad_row(
                              a, slope, offset);                                             \
         _Pragma("omp parallel for schedule(static) num_threads(team)")                      \
         for (int64_t row = 0; row < n * (h / 2); row++)                                     \
-            bn_grad_row(x, grad, code, mean, a, slope, offset, grad_x, row, h, w, c, BF16); \
+            bn_grad_row(x, grad, code, mean, a, slope, offset, train, grad_x, row, h, w, c, \
+                        BF16);                                                              \
         if (h % 2) /* a last odd row */                                                     \
             for (int64_t b = 0; b < n; b++)                                                 \
-                bn_uncovered(x, grad_x, (b * h + h - 1) * w * c, w, mean, slope, offset, c, \
-                             BF16);                                                         \
+                bn_uncovered(x, grad_x, (b * h + h - 1) * w * c, w, mean, slope, offset,    \
+                             train, c, BF16);                                               \
     }
 
 BNPOOL_KERNELS(f32, 0)

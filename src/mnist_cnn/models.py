@@ -90,9 +90,10 @@ class ConvNet(nn.Sequential):
     - `MaxPool2x2` then ReLU as one pass (`pool_relu`, in training and evaluation), bit
       for bit the two layers' values and gradients.
 
-    Hooks on any of those layers turn their fusion off, so hooks see every output (the
-    feature maps of `explain` and of the exported page hook the layer before each
-    pooling). Timings: benchmarks/step_time.py.
+    Hooks (forward or backward) on any of those layers, and hooks registered for every
+    module, turn their fusion off, so hooks see every layer called (the feature maps of
+    `explain` and of the exported page hook the layer before each pooling). Timings:
+    benchmarks/step_time.py.
     """
 
     def group(self, i: int, x: torch.Tensor) -> int:

@@ -34,15 +34,16 @@ rounding, not bit for bit; tests/test_pool.py checks both.
 statistics, running ones updated as PyTorch does) and evaluation. Why: PyTorch's CPU
 BatchNorm writes the normalised maps, which pooling reads back, and backward writes and
 reads their gradient; on two cores these stages are bound by memory. The kernel reads the
-input once for the statistics (each image's, which stay in cache, then the batch's from
-them in image order, so no bit depends on the thread count) and once to normalise, pool and
-apply ReLU, writing only the pooled result and a code; backward sums what BatchNorm needs
-from the pooled gradient and writes each input gradient once. 128 images of 32x14x14:
-forward and backward 1.06 -> 0.43 ms in float32, 0.81 -> 0.55 ms in bf16; a training step
-of `fast` 0.91x in float32, 0.93x in bf16 (`step_time.py --model fast`). It agrees with the
-layers to float rounding, and is the closer of the two to exact arithmetic: on 128 images
-of 32x28x28 its float32 output is within 1e-6 of a float64 computation, PyTorch's within
-3e-5 (it sums the statistics in double precision).
+input for the statistics (each image's, twice while it stays in cache, then the batch's
+from them in image order, so no bit depends on the thread count) and once more to
+normalise, pool and apply ReLU, writing only the pooled result and a code; backward sums
+what BatchNorm needs from the pooled gradient and writes each input gradient once. 128
+images of 32x14x14: forward and backward 1.06 -> 0.43 ms in float32, 0.81 -> 0.55 ms in
+bf16; a training step of `fast` 0.91x in float32, 0.93x in bf16 (`step_time.py --model
+fast`). It agrees with the layers to float rounding, and is the closer of the two to exact
+arithmetic: on 128 images of 32x28x28 its float32 output is within 1e-6 of a float64
+computation, PyTorch's within 3e-5 (it sums the statistics in double precision). Hooks of
+any kind on the layers, or registered for every module, turn every fusion off.
 
 The kernels are compiled with the system C compiler on first use (under a second) and
 cached beside the data (`<cache>/kernels`). A cached library is loaded only if this user
@@ -314,8 +315,20 @@ class MaxPool2x2(nn.MaxPool2d):
         return _pool_forward(x)[0]
 
 
+# Hooks registered for every module (torch.nn.modules.module.register_module_*_hook)
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")  # fmt: skip
+
+
 def _hooked(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """Whether any hook would watch one of `modules` (forward or backward, its own or one
+    registered for every module): a fused kernel runs the layers without calling them."""
+    if any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS):
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in modules
+    )
 
 
 def pool_relu_applies(pool: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool:
@@ -439,9 +452,10 @@ def norm_pool_relu_applies(
     norm: nn.Module, pool: nn.Module, relu: nn.Module, x: torch.Tensor
 ) -> bool:
     """Whether `relu(pool(norm(x)))` may run as one `norm_pool_relu` call: BatchNorm2d with
-    its weight and bias (float32, on the CPU) on a multiple of 8 channels up to 1024,
-    `MaxPool2x2` and ReLU, none hooked, on an input the pooling kernel takes (at least 2x2,
-    so more than one value per channel, as BatchNorm needs in training)."""
+    its weight and bias (and running statistics, where it has them) float32 on the CPU, on
+    a multiple of 8 channels up to 1024, `MaxPool2x2` and ReLU, none hooked, on an input
+    the pooling kernel takes (at least 2x2, so more than one value per channel, as
+    BatchNorm needs in training)."""
     if not (
         type(norm) is nn.BatchNorm2d
         and type(pool) is MaxPool2x2
@@ -452,7 +466,7 @@ def norm_pool_relu_applies(
         return False
     c = x.shape[1]
     tensors = [norm.weight, norm.bias]
-    if norm.track_running_stats:
+    if norm.running_mean is not None or norm.running_var is not None:
         tensors += [norm.running_mean, norm.running_var]
     return (
         norm.affine
@@ -469,11 +483,9 @@ def _uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
     return norm.training or norm.running_mean is None
 
 
-def _momentum(norm: nn.BatchNorm2d) -> float:
-    """The weight of this batch in the running statistics, as `nn.BatchNorm2d` computes it
-    (counting the batch in `num_batches_tracked`, as it does)."""
-    if not (norm.training and norm.track_running_stats):
-        return 0.0
+def _count_batch(norm: nn.BatchNorm2d) -> float:
+    """Counts this batch in `num_batches_tracked` where `nn.BatchNorm2d` would, and returns
+    its weight in the running statistics, as BatchNorm computes it."""
     norm.num_batches_tracked.add_(1)
     if norm.momentum is None:  # a cumulative average
         return 1.0 / float(norm.num_batches_tracked)
@@ -482,11 +494,15 @@ def _momentum(norm: nn.BatchNorm2d) -> float:
 
 def _norm_pool_forward(norm: nn.BatchNorm2d, x: torch.Tensor):
     """(output, code, mean, 1/std) of BatchNorm -> 2x2 max pooling -> ReLU through the C
-    kernel, updating the running statistics in training."""
+    kernel. As `nn.BatchNorm2d` does: batch statistics in training (or without running
+    ones), the running ones updated in training where it tracks them, the running ones
+    used in evaluation."""
     n, c, h, w = x.shape
     train = _uses_batch_statistics(norm)
-    running = norm.running_mean is not None
-    momentum = _momentum(norm) if running else 0.0
+    # the running statistics the kernel reads (evaluation) or updates (training)
+    running = not norm.training or norm.track_running_stats
+    running = running and norm.running_mean is not None
+    momentum = _count_batch(norm) if train and running else 0.0
     y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
     code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
     part = torch.empty((n, 2, c), dtype=torch.float32) if train else None
@@ -504,7 +520,8 @@ def _norm_pool_forward(norm: nn.BatchNorm2d, x: torch.Tensor):
 
 
 class _NormPoolReLU(torch.autograd.Function):
-    """relu(max_pool2d(batch_norm(x), 2)) through the C kernel."""
+    """relu(max_pool2d(batch_norm(x), 2)) through the C kernel (once differentiable, as
+    `MaxPool2x2` is: no gradients of gradients)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, norm):
