@@ -99,30 +99,33 @@ class ConvNet(nn.Sequential):
     def group(self, i: int, x: torch.Tensor) -> int:
         """How many layers from the i-th on run as one kernel on the input `x` they get
         (1: the i-th alone)."""
-        layers = list(self._modules.values())[i:]
-        if i == 0 and len(layers) >= 3 and first_stage_applies(*layers[:3], x):
-            return 3
-        if len(layers) >= 3 and norm_pool_relu_applies(*layers[:3], x):
-            return 3
-        if len(layers) >= 2 and pool_relu_applies(*layers[:2], x):
-            return 2
-        return 1
+        return _fused(list(self._modules.values()), i, x)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self._modules.values())
         i = 0
         while i < len(layers):
-            width, layer = self.group(i, x), layers[i]
-            if width == 1:
-                x = layer(x)
-            elif type(layer) is nn.Conv2d:
-                x = first_stage(layer, x)
-            elif type(layer) is nn.BatchNorm2d:
-                x = norm_pool_relu(layer, x)
-            else:
-                x = pool_relu(x)
+            width, run = _fused(layers, i, x)
+            x = layers[i](x) if run is None else run(layers[i], x)
             i += width
         return x
+
+
+def _fused(layers: list[nn.Module], i: int, x: torch.Tensor) -> tuple[int, Callable | None]:
+    """(how many of `layers` from the i-th on run as one kernel on the input `x`, the
+    function that runs them given the first of them and `x`), or (1, None): the i-th alone."""
+    rest = layers[i:]
+    if i == 0 and len(rest) >= 3 and first_stage_applies(*rest[:3], x):
+        return 3, first_stage
+    if len(rest) >= 3 and norm_pool_relu_applies(*rest[:3], x):
+        return 3, norm_pool_relu
+    if len(rest) >= 2 and pool_relu_applies(*rest[:2], x):
+        return 2, _pool_relu
+    return 1, None
+
+
+def _pool_relu(_pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return pool_relu(x)
 
 
 def _three_stage_cnn(

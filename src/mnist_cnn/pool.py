@@ -25,10 +25,10 @@ result and a one-byte code; backward needs no gradient for the image and sums th
 gradient straight from the code and the image. Seed network, 2 cores: the stage's forward
 and backward 0.87 -> 0.35-0.55 s per epoch in float32 (`step_time.py --layers`), a whole
 training step 0.84-0.88x in float32 and 0.91-0.93x in bf16 (`step_time.py`), evaluating
-the 10,000 test images 0.37 -> 0.28 s. Its
-arithmetic is the convolution's (float32 sums, or bfloat16 products summed in float32
-under autocast) in another order, so results agree with the unfused layers to float
-rounding, not bit for bit; tests/test_pool.py checks both.
+the 10,000 test images 0.37 -> 0.28 s. Its arithmetic is the convolution's (float32
+sums, or bfloat16 products summed in float32 under autocast) in another order, so results
+agree with the unfused layers to float rounding, not bit for bit; tests/test_pool.py
+checks both.
 
 `norm_pool_relu`: BatchNorm2d, 2x2 max pooling and ReLU in one pass, in training (batch
 statistics, running ones updated as PyTorch does) and evaluation. Why: PyTorch's CPU
@@ -52,9 +52,9 @@ private temporary folder if the cache folder itself cannot be trusted), and
 `kernel_status` says why.
 Pooling runs for real channels-last CPU tensors in bfloat16 or float32, in training and in
 inference; the first stage and BatchNorm stages where `first_stage_applies` and
-`norm_pool_relu_applies` say. Anything else (other layouts
-and devices, tracing, export, torch.compile) gets PyTorch's layers, as does everything
-where no compiler works or MNIST_CNN_NATIVE_POOL=1 is set. Pooling's results are
+`norm_pool_relu_applies` say. Anything else (other layouts and devices, tracing, export,
+torch.compile) gets PyTorch's layers, as does everything where no compiler works or
+MNIST_CNN_NATIVE_POOL=1 is set. Pooling's results are
 identical either way: tests/test_pool.py checks values and gradients bit for bit, ties and
 NaN included, and that training steps give identical weights.
 """
