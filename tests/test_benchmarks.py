@@ -170,7 +170,7 @@ REFERENCE = [
 
 
 def test_seconds_per_epoch_scales_a_last_part_of_an_epoch_to_a_whole_one():
-    """`fast` trains 1.6 epochs: its last stretch is 0.6 of an epoch, not an epoch."""
+    """A run of 1.6 epochs: its last stretch is 0.6 of an epoch, not an epoch."""
     history = [
         {"epoch": 0.0, "step": 0, "seconds": 0.0},
         {"epoch": 1.0, "step": 469, "seconds": 3.0},

@@ -95,6 +95,29 @@ def test_interrupted_then_resumed_run_is_bit_identical(
     assert [json.loads(r)["step"] for r in rows] == steps
 
 
+def test_an_interrupted_fast_run_resumes_bit_for_bit(digits_folder, tmp_path):
+    """`fast` learns with MuonAdam: its momentum buffers travel in the checkpoint too."""
+
+    def train_fast(out: Path, log=None):
+        torch.manual_seed(0)
+        return fit(build_model("fast"), load_dataset(str(digits_folder)), "fast", seed=0,
+                   out=out, log=log, progress=False, epochs=1, eval_every=1e-9)  # fmt: skip
+
+    train_fast(tmp_path / "whole")
+    lines = []
+
+    def interrupt(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 8:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train_fast(tmp_path / "cut", log=interrupt)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt").optimizer["state"]
+    resume_run(tmp_path / "cut", log=None, progress=False)
+    assert same_weights(weights(tmp_path / "cut"), weights(tmp_path / "whole"))
+
+
 def test_resuming_a_finished_run_is_refused(uninterrupted):
     with pytest.raises(UserError, match="already finished"):
         resume_run(uninterrupted, log=None)

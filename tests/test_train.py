@@ -308,9 +308,11 @@ def test_best_recipe_flips_clothes_but_not_digits():
 @pytest.mark.slow
 def test_fast_recipe_learns_in_under_two_epochs(mnist):
     recipe = resolve_recipe("fast")
-    assert recipe.epochs < 2 and recipe.model == "fast"
+    assert recipe.epochs < 2 and recipe.model == "fast" and recipe.optimizer == "muon"
+    # Clothes reach their course accuracy sooner than digits reach theirs.
+    assert resolve_recipe("fast", dataset="fashion-mnist").epochs < recipe.epochs
     model = build_model("fast")
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2
     torch.manual_seed(0)
     run = fit(model, mnist, "fast", seed=0, progress=False, log=None)
-    assert run.test_accuracy >= 0.99  # 0.9914 here; RESULTS.md has every seed
+    assert run.test_accuracy >= 0.99  # 0.9932 here; RESULTS.md has every seed

@@ -47,6 +47,7 @@ from mnist_cnn.distributed import World, any_rank, current_world, init_process_g
 from mnist_cnn.errors import TrainingInterrupted, UserError
 from mnist_cnn.metrics import evaluate
 from mnist_cnn.models import count_parameters
+from mnist_cnn.optim import MuonAdam
 from mnist_cnn.pool import kernel_status
 from mnist_cnn.recipes import BUDGET_SHARE, Recipe, epochs_within_budget, resolve_recipe
 from mnist_cnn.run import (
@@ -344,6 +345,8 @@ def training_batches(
 
 
 def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    if recipe.optimizer == "muon":
+        return MuonAdam(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     params = model.parameters()
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(
