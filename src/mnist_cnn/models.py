@@ -115,7 +115,7 @@ def _fused(layers: list[nn.Module], i: int, x: torch.Tensor) -> tuple[int, Calla
     """(how many of `layers` from the i-th on run as one kernel on the input `x`, the
     function that runs them given the first of them and `x`), or (1, None): the i-th alone."""
     rest = layers[i:]
-    if i == 0 and len(rest) >= 3 and first_stage_applies(*rest[:3], x):
+    if len(rest) >= 3 and first_stage_applies(*rest[:3], x):
         return 3, first_stage
     if len(rest) >= 3 and norm_pool_relu_applies(*rest[:3], x):
         return 3, norm_pool_relu
@@ -128,17 +128,44 @@ def _pool_relu(_pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pool_relu(x)
 
 
+class CenterCrop(nn.Module):
+    """The centre of each image: `margin` pixels dropped on every side (28x28 -> 24x24 for
+    a margin of 2), copied into one block (channels-last, as the first-stage kernel of
+    `mnist_cnn.pool` takes it); gradients flow back to the centre's pixels."""
+
+    def __init__(self, margin: int):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.margin
+        return x[..., m : x.shape[-2] - m, m : x.shape[-1] - m].contiguous(
+            memory_format=torch.channels_last
+        )
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}"
+
+
 def _three_stage_cnn(
-    widths: tuple[int, int, int], num_classes: int, batch_norm: tuple[bool, bool, bool]
+    widths: tuple[int, int, int],
+    num_classes: int,
+    batch_norm: tuple[bool, bool, bool],
+    margin: int = 0,
 ) -> nn.Sequential:
-    """Three conv stages (each halving the image: 28 -> 14 -> 7 -> 3), then one dense layer."""
+    """Three conv stages (each halving the image: 28 -> 14 -> 7 -> 3), then one dense layer;
+    with a `margin`, a `CenterCrop` first (24 -> 12 -> 6 -> 3 for a margin of 2)."""
     c1, c2, c3 = widths
+    side = 28 - 2 * margin
+    for _ in range(3):
+        side //= 2
     model = ConvNet(
+        *([CenterCrop(margin)] if margin else []),
         *_conv_block(1, c1, batch_norm[0]),
         *_conv_block(c1, c2, batch_norm[1]),
         *_conv_block(c2, c3, batch_norm[2]),
         nn.Flatten(),
-        nn.Linear(c3 * 9, num_classes),
+        nn.Linear(c3 * side * side, num_classes),
     )
     return init_like_flux(model)
 
@@ -167,6 +194,19 @@ def fast_cnn(num_classes: int = 10) -> nn.Module:
     stage 3.24, on stages 2 and 3 only 2.48).
     """
     return _three_stage_cnn((16, 32, 32), num_classes, (False, True, True))
+
+
+@register("fast-center")
+def fast_center_cnn(num_classes: int = 10) -> nn.Module:
+    """`fast` on the central 24x24 of each image (17,002 parameters, as `fast`).
+
+    MNIST's digits were scaled to fit a 20x20 box and centred by their centre of mass in
+    the 28x28 frame: the outer two pixels hold 0.23% of the ink of the training images (12%
+    of them have any there). Every map is then (24/28)^2 = 0.73 of its size, 24 -> 12 -> 6
+    -> 3, so the dense layer is the same 288 -> K; a training step takes about 0.75x the
+    time. Not for clothes, which fill the frame: their outer two pixels hold 8% of the ink.
+    """
+    return _three_stage_cnn((16, 32, 32), num_classes, (False, True, True), margin=2)
 
 
 def _deep_stage(c_in: int, widths: tuple[int, ...]) -> list[nn.Module]:
