@@ -194,6 +194,22 @@ def test_run_directory_holds_every_file_and_key(mnist, tmp_path):
     assert torch.allclose(reloaded(x), run.model.float()(x), atol=1e-5)
 
 
+def test_a_run_directory_is_refused_a_model_other_than_the_recipes(mnist, tmp_path):
+    small = subset(mnist, 256, 100)
+    kwargs = {"epochs": 1, "progress": False, "log": None}
+    # `fast` trains `fast-center` on MNIST: the whole-image `fast` would leave a run
+    # directory whose weights its recipe's network cannot load.
+    with pytest.raises(UserError, match=r"'fast-center'.*build_model\('fast-center', 10\)"):
+        fit(build_model("fast"), small, "fast", out=tmp_path / "wrong", **kwargs)
+    assert not (tmp_path / "wrong").exists()
+    fit(build_model("fast"), small, "fast", **kwargs)  # no run directory: any network
+    recipe = resolve_recipe("fast", dataset="mnist", model="fast")
+    run = fit(build_model("fast"), small, recipe, out=tmp_path / "named", **kwargs)
+    reloaded = load_model(tmp_path / "named")
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(reloaded(x), run.model.float().eval()(x))
+
+
 def test_evaluation_is_throttled_by_training_seconds(mnist):
     small = subset(mnist, 2560, 200)
     kwargs = {"epochs": 1, "progress": False, "log": None}
@@ -343,4 +359,4 @@ def test_fast_recipe_learns_in_under_two_epochs(mnist):
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2
     torch.manual_seed(0)
     run = fit(model, mnist, "fast", seed=0, progress=False, log=None)
-    assert run.test_accuracy >= 0.99  # 0.9933 here; RESULTS.md has every seed
+    assert run.test_accuracy >= 0.99  # 0.9935 here; RESULTS.md has every seed

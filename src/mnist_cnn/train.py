@@ -46,7 +46,7 @@ from mnist_cnn.device import autocast, resolve_precision, synchronize, training_
 from mnist_cnn.distributed import World, any_rank, current_world, init_process_group, wait_for_all
 from mnist_cnn.errors import TrainingInterrupted, UserError
 from mnist_cnn.metrics import evaluate
-from mnist_cnn.models import count_parameters
+from mnist_cnn.models import build_model, count_parameters
 from mnist_cnn.optim import MuonAdam
 from mnist_cnn.pool import kernel_status
 from mnist_cnn.recipes import BUDGET_SHARE, Recipe, epochs_within_budget, resolve_recipe
@@ -79,6 +79,20 @@ class TrainResult:
     @property
     def test_accuracy(self) -> float:
         return self.summary["test_accuracy"]
+
+
+def check_is_recipe_model(model: nn.Module, recipe: Recipe, ds: Dataset) -> None:
+    """Refuse a model whose weights the recipe's network could not load: a run directory
+    records the recipe's model by name, and `load_model` builds that one again."""
+    expected = build_model(recipe.model, num_classes=ds.num_classes).state_dict()
+    given = model.state_dict()
+    if {k: v.shape for k, v in given.items()} != {k: v.shape for k, v in expected.items()}:
+        raise UserError(
+            f"the model is not the network recipe '{recipe.name}' trains on {ds.name} "
+            f"('{recipe.model}'), and a run directory of it could not be loaded again: pass "
+            f"build_model('{recipe.model}', {ds.num_classes}), or a recipe that names your "
+            f"network: resolve_recipe('{recipe.name}', dataset='{ds.name}', model='NAME')"
+        )
 
 
 def fit(
@@ -115,6 +129,8 @@ def fit(
     recipe = resolve_recipe(recipe, dataset=ds.name, **overrides)
     if len(ds.train) == 0 or len(ds.test) == 0:
         raise UserError(f"{ds.name}: its training or test split is empty: nothing to train on")
+    if out is not None:
+        check_is_recipe_model(model, recipe, ds)
     world = current_world()
     dev = training_device(device, world, threads)
     init_process_group(world, dev)
