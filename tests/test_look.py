@@ -157,6 +157,29 @@ def test_huge_pictures_are_refused_before_decoding(run_cli, trained_run, tmp_pat
 # --- ONNX export ------------------------------------------------------------------------------
 
 
+def test_a_fast_run_on_mnist_trains_the_centre_and_exports_and_explains(tmp_path):
+    """`fast` trains `fast-center` on MNIST: every path that loads a run takes 28x28 images
+    still, and the ONNX graph crops as the network does."""
+    pytest.importorskip("onnxruntime")
+    from mnist_cnn import build_model, fit, load_dataset, resolve_recipe
+    from mnist_cnn.explain import stage_outputs
+    from mnist_cnn.export import export_onnx
+
+    ds = load_dataset("mnist")
+    assert resolve_recipe("fast", dataset="mnist").model == "fast-center"
+    run = tmp_path / "fast"
+    torch.manual_seed(0)
+    fit(build_model("fast-center"), ds, "fast", epochs=0.05, out=run, progress=False, log=None)
+    assert json.loads((run / "config.json").read_text())["recipe"]["model"] == "fast-center"
+    _, parity = export_onnx(run)
+    assert parity.ok and parity.classes_agree == parity.images
+    model = load_model(run)
+    stages = stage_outputs(model, ds.test.images[0])
+    assert [tuple(out.shape[-2:]) for _, out in stages] == [(24, 24), (12, 12), (6, 6)]
+    records = predict_records(model, ds.test.images[:1], ["test[0]"], ds.classes)
+    assert records[0]["class_index"] == 7  # the first test image, a 7
+
+
 def test_onnx_export_matches_pytorch_on_1000_test_images(run_cli, trained_run, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
