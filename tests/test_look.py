@@ -55,9 +55,10 @@ def test_stage_outputs_show_each_stage_once_for_every_model():
     image = torch.randint(0, 256, (28, 28), dtype=torch.uint8)
     for name in MODELS:
         stages = stage_outputs(build_model(name).eval(), image)
-        side = 24 if name == "fast-center" else 28  # that network sees the 24x24 centre
-        sides = [side, side // 2, side // 4]
-        assert [tuple(out.shape[-2:]) for _, out in stages] == [(s, s) for s in sides], name
+        # The cropped networks see the middle of the image only.
+        h, w = {"fast-24x24": (24, 24), "fast-28x24": (28, 24)}.get(name, (28, 28))
+        sizes = [(h, w), (h // 2, w // 2), (h // 4, w // 4)]
+        assert [tuple(out.shape[-2:]) for _, out in stages] == sizes, name
         assert all(out.min() >= 0 for _, out in stages)  # after ReLU
 
 
@@ -158,7 +159,7 @@ def test_huge_pictures_are_refused_before_decoding(run_cli, trained_run, tmp_pat
 
 
 def test_a_fast_run_on_mnist_trains_the_centre_and_exports_and_explains(tmp_path):
-    """`fast` trains `fast-center` on MNIST: every path that loads a run takes 28x28 images
+    """`fast` trains `fast-24x24` on MNIST: every path that loads a run takes 28x28 images
     still, and the ONNX graph crops as the network does."""
     pytest.importorskip("onnxruntime")
     from mnist_cnn import build_model, fit, load_dataset, resolve_recipe
@@ -166,11 +167,11 @@ def test_a_fast_run_on_mnist_trains_the_centre_and_exports_and_explains(tmp_path
     from mnist_cnn.export import export_onnx
 
     ds = load_dataset("mnist")
-    assert resolve_recipe("fast", dataset="mnist").model == "fast-center"
+    assert resolve_recipe("fast", dataset="mnist").model == "fast-24x24"
     run = tmp_path / "fast"
     torch.manual_seed(0)
-    fit(build_model("fast-center"), ds, "fast", epochs=0.05, out=run, progress=False, log=None)
-    assert json.loads((run / "config.json").read_text())["recipe"]["model"] == "fast-center"
+    fit(build_model("fast-24x24"), ds, "fast", epochs=0.05, out=run, progress=False, log=None)
+    assert json.loads((run / "config.json").read_text())["recipe"]["model"] == "fast-24x24"
     _, parity = export_onnx(run)
     assert parity.ok and parity.classes_agree == parity.images
     model = load_model(run)

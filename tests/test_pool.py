@@ -183,7 +183,7 @@ def _train_four_steps(name: str, bf16: bool = True) -> list[torch.Tensor]:
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["seed", "fast", "fast-center", "deep-bn"])
+@pytest.mark.parametrize("name", ["seed", "fast", "fast-24x24", "fast-28x24", "deep-bn"])
 def test_training_steps_are_bit_identical_with_and_without_the_pooling_kernel(name, monkeypatch):
     """Same data, same steps: the weights agree exactly, so the pooling kernel changes no
     result. (The fused first stage and BatchNorm stages, which agree only to rounding, are
@@ -317,7 +317,7 @@ def test_the_first_stage_kernel_runs_on_the_centre_after_a_crop(monkeypatch):
         pool, "_first_stage_forward", lambda x, *a: shapes.append(tuple(x.shape)) or kernel(x, *a)
     )
     torch.manual_seed(0)
-    model = build_model("fast-center").to(memory_format=torch.channels_last)
+    model = build_model("fast-24x24").to(memory_format=torch.channels_last)
     x = torch.rand(4, 1, 28, 28)
     plain = nn.Sequential(*model)  # the same modules, run one by one
     torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
@@ -345,7 +345,7 @@ def test_the_networks_pool_and_relu_in_one_pass_unless_someone_watches(monkeypat
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["seed", "fast", "fast-center", "deep-bn"])
+@pytest.mark.parametrize("name", ["seed", "fast", "fast-24x24", "fast-28x24", "deep-bn"])
 def test_training_steps_with_the_fused_stages_track_the_plain_layers(name, monkeypatch):
     """Four Adam steps: in float32 the fused stages give the plain layers' weights to
     rounding; in bf16 they land as near the float32 weights as the plain bf16 layers do.

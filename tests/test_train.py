@@ -57,29 +57,32 @@ def test_seed_model_is_the_notebooks_network():
     assert logits.shape == (5, 10)
 
 
-def test_fast_center_sees_only_the_centre_of_each_image():
+@pytest.mark.parametrize(("name", "rows", "cols"), [("fast-24x24", 2, 2), ("fast-28x24", 0, 2)])
+def test_cropped_fast_networks_see_only_the_middle_of_each_image(name, rows, cols):
     from mnist_cnn.models import CenterCrop
 
     torch.manual_seed(0)
-    model = build_model("fast-center")
-    assert isinstance(model[0], CenterCrop) and model[0].margin == 2
+    model = build_model(name)
+    assert isinstance(model[0], CenterCrop) and (model[0].rows, model[0].cols) == (rows, cols)
     assert count_parameters(model) == count_parameters(build_model("fast")) == 17_002
     model.eval()
     x = torch.rand(6, 1, 28, 28)
-    framed = x.clone()
-    framed[..., :2, :] = framed[..., -2:, :] = framed[..., :, :2] = framed[..., :, -2:] = 1.0
+    kept = (..., slice(rows, 28 - rows), slice(cols, 28 - cols))
+    outside = torch.ones_like(x, dtype=torch.bool)
+    outside[kept] = False
+    framed = torch.where(outside, torch.ones_like(x), x)
     with torch.no_grad():
         logits = model(x)
-        assert torch.equal(model(framed), logits)  # the outer two pixels are never read
-        rest = torch.nn.Sequential(*list(model)[1:])  # the same layers on a 24x24 image
-        torch.testing.assert_close(rest(x[..., 2:26, 2:26].contiguous()), logits)
+        assert torch.equal(model(framed), logits)  # pixels outside the middle are never read
+        rest = torch.nn.Sequential(*list(model)[1:])  # the same layers on the middle alone
+        torch.testing.assert_close(rest(x[kept].contiguous()), logits)
         nudged = x.clone()
-        nudged[..., 2, 2] += 0.5  # the centre's corner is
+        nudged[..., rows, cols] += 0.5  # the middle's corner is read
         assert not torch.equal(model(nudged), logits)
     model.train()
     image = x.clone().requires_grad_()
     model(image).sum().backward()
-    assert image.grad[..., :2, :].abs().max() == 0 and image.grad[..., 2:26, 2:26].abs().max() > 0
+    assert image.grad[outside].abs().max() == 0 and image.grad[kept].abs().max() > 0
 
 
 def test_seed_model_is_initialised_like_flux():
@@ -197,9 +200,9 @@ def test_run_directory_holds_every_file_and_key(mnist, tmp_path):
 def test_a_run_directory_is_refused_a_model_other_than_the_recipes(mnist, tmp_path):
     small = subset(mnist, 256, 100)
     kwargs = {"epochs": 1, "progress": False, "log": None}
-    # `fast` trains `fast-center` on MNIST: the whole-image `fast` would leave a run
+    # `fast` trains `fast-24x24` on MNIST: the whole-image `fast` would leave a run
     # directory whose weights its recipe's network cannot load.
-    with pytest.raises(UserError, match=r"'fast-center'.*build_model\('fast-center', 10\)"):
+    with pytest.raises(UserError, match=r"'fast-24x24'.*build_model\('fast-24x24', 10\)"):
         fit(build_model("fast"), small, "fast", out=tmp_path / "wrong", **kwargs)
     assert not (tmp_path / "wrong").exists()
     fit(build_model("fast"), small, "fast", **kwargs)  # no run directory: any network
@@ -349,11 +352,11 @@ def test_best_recipe_flips_clothes_but_not_digits():
 @pytest.mark.slow
 def test_fast_recipe_learns_in_under_two_epochs(mnist):
     recipe = resolve_recipe("fast", dataset="mnist")
-    assert recipe.epochs < 2 and recipe.model == "fast-center" and recipe.optimizer == "muon"
-    # Clothes fill the frame: the whole image, and fewer epochs than digits take. Images
-    # not known to be centred get the whole-image network too.
+    assert recipe.epochs < 2 and recipe.model == "fast-24x24" and recipe.optimizer == "muon"
+    # Clothes fill the frame from top to bottom: every row, and fewer epochs than digits
+    # take. Images not known to be centred get the whole-image network.
     clothes = resolve_recipe("fast", dataset="fashion-mnist")
-    assert clothes.model == "fast" and clothes.epochs < recipe.epochs
+    assert clothes.model == "fast-28x24" and clothes.epochs < recipe.epochs
     assert resolve_recipe("fast", dataset="my-scans").model == "fast"
     model = build_model(recipe.model)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2

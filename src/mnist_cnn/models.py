@@ -129,43 +129,44 @@ def _pool_relu(_pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class CenterCrop(nn.Module):
-    """The centre of each image: `margin` pixels dropped on every side (28x28 -> 24x24 for
-    a margin of 2), copied into one block (channels-last, as the first-stage kernel of
-    `mnist_cnn.pool` takes it); gradients flow back to the centre's pixels."""
+    """The middle of each image: `rows` pixels dropped at the top and at the bottom, `cols`
+    at the left and at the right (28x28 -> 24x24 for 2 and 2), copied into one block
+    (channels-last, as the first-stage kernel of `mnist_cnn.pool` takes it); gradients flow
+    back to the pixels kept."""
 
-    def __init__(self, margin: int):
+    def __init__(self, rows: int, cols: int):
         super().__init__()
-        self.margin = margin
+        self.rows, self.cols = rows, cols
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.margin
-        return x[..., m : x.shape[-2] - m, m : x.shape[-1] - m].contiguous(
+        r, c = self.rows, self.cols
+        return x[..., r : x.shape[-2] - r, c : x.shape[-1] - c].contiguous(
             memory_format=torch.channels_last
         )
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}"
+        return f"rows={self.rows}, cols={self.cols}"
 
 
 def _three_stage_cnn(
     widths: tuple[int, int, int],
     num_classes: int,
     batch_norm: tuple[bool, bool, bool],
-    margin: int = 0,
+    crop: tuple[int, int] = (0, 0),
 ) -> nn.Sequential:
     """Three conv stages (each halving the image: 28 -> 14 -> 7 -> 3), then one dense layer;
-    with a `margin`, a `CenterCrop` first (24 -> 12 -> 6 -> 3 for a margin of 2)."""
+    with a `crop` (rows, cols), a `CenterCrop` first (24 -> 12 -> 6 -> 3 for 2 rows)."""
     c1, c2, c3 = widths
-    side = 28 - 2 * margin
+    h, w = 28 - 2 * crop[0], 28 - 2 * crop[1]
     for _ in range(3):
-        side //= 2
+        h, w = h // 2, w // 2
     model = ConvNet(
-        *([CenterCrop(margin)] if margin else []),
+        *([CenterCrop(*crop)] if any(crop) else []),
         *_conv_block(1, c1, batch_norm[0]),
         *_conv_block(c1, c2, batch_norm[1]),
         *_conv_block(c2, c3, batch_norm[2]),
         nn.Flatten(),
-        nn.Linear(c3 * side * side, num_classes),
+        nn.Linear(c3 * h * w, num_classes),
     )
     return init_like_flux(model)
 
@@ -196,17 +197,28 @@ def fast_cnn(num_classes: int = 10) -> nn.Module:
     return _three_stage_cnn((16, 32, 32), num_classes, (False, True, True))
 
 
-@register("fast-center")
-def fast_center_cnn(num_classes: int = 10) -> nn.Module:
-    """`fast` on the central 24x24 of each image (17,002 parameters, as `fast`).
+@register("fast-24x24")
+def fast_24x24_cnn(num_classes: int = 10) -> nn.Module:
+    """`fast` on the middle 24x24 of each 28x28 image (17,002 parameters, as `fast`).
 
     MNIST's digits were scaled to fit a 20x20 box and centred by their centre of mass in
-    the 28x28 frame: the outer two pixels hold 0.23% of the ink of the training images (12%
-    of them have any there). Every map is then (24/28)^2 = 0.73 of its size, 24 -> 12 -> 6
-    -> 3, so the dense layer is the same 288 -> K; a training step takes about 0.75x the
-    time. Not for clothes, which fill the frame: their outer two pixels hold 8% of the ink.
+    the 28x28 frame: the outer two rows and columns hold 0.23% of the ink of the training
+    images (12% of them have any there). Every map is (24/28)^2 = 0.73 of its size, 24 ->
+    12 -> 6 -> 3, and the dense layer is the same 288 -> K; a training step takes about
+    0.75x the time. Not for clothes, whose top and bottom rows hold 6% of their ink.
     """
-    return _three_stage_cnn((16, 32, 32), num_classes, (False, True, True), margin=2)
+    return _three_stage_cnn((16, 32, 32), num_classes, (False, True, True), crop=(2, 2))
+
+
+@register("fast-28x24")
+def fast_28x24_cnn(num_classes: int = 10) -> nn.Module:
+    """`fast` on the middle 24 columns of each 28x28 image, every row (17,002 parameters).
+
+    Fashion-MNIST's garments fill their frame from top to bottom but not from side to side:
+    the outer two columns hold 2.0% of the ink, the outer two rows 6.3%. Maps of 28x24, 14x12,
+    7x6 and 3x3 (the same dense layer); a training step takes about 0.8x the time.
+    """
+    return _three_stage_cnn((16, 32, 32), num_classes, (False, True, True), crop=(0, 2))
 
 
 def _deep_stage(c_in: int, widths: tuple[int, ...]) -> list[nn.Module]:
