@@ -362,4 +362,4 @@ def test_fast_recipe_learns_in_under_two_epochs(mnist):
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2
     torch.manual_seed(0)
     run = fit(model, mnist, "fast", seed=0, progress=False, log=None)
-    assert run.test_accuracy >= 0.99  # 0.9935 here; RESULTS.md has every seed
+    assert run.test_accuracy >= 0.99  # 0.9933 here; RESULTS.md has every seed
