@@ -206,11 +206,15 @@ def test_a_run_directory_is_refused_a_model_other_than_the_recipes(mnist, tmp_pa
         fit(build_model("fast"), small, "fast", out=tmp_path / "wrong", **kwargs)
     assert not (tmp_path / "wrong").exists()
     fit(build_model("fast"), small, "fast", **kwargs)  # no run directory: any network
-    recipe = resolve_recipe("fast", dataset="mnist", model="fast")
-    run = fit(build_model("fast"), small, recipe, out=tmp_path / "named", **kwargs)
+    # Naming the network to the recipe, as a keyword override or in a resolved recipe.
+    run = fit(build_model("fast"), small, "fast", model="fast", out=tmp_path / "named", **kwargs)
+    assert run.recipe.model == "fast"
     reloaded = load_model(tmp_path / "named")
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(reloaded(x), run.model.float().eval()(x))
+    recipe = resolve_recipe("fast", dataset="mnist", model="fast")
+    run = fit(build_model("fast"), small, recipe, out=tmp_path / "resolved", **kwargs)
+    torch.testing.assert_close(load_model(tmp_path / "resolved")(x), run.model.float().eval()(x))
 
 
 def test_evaluation_is_throttled_by_training_seconds(mnist):

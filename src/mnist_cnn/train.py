@@ -90,13 +90,14 @@ def check_is_recipe_model(model: nn.Module, recipe: Recipe, ds: Dataset) -> None
         raise UserError(
             f"the model is not the network recipe '{recipe.name}' trains on {ds.name} "
             f"('{recipe.model}'), and a run directory of it could not be loaded again: pass "
-            f"build_model('{recipe.model}', {ds.num_classes}), or a recipe that names your "
-            f"network: resolve_recipe('{recipe.name}', dataset='{ds.name}', model='NAME')"
+            f"build_model('{recipe.model}', {ds.num_classes}), or name your network to the "
+            f"recipe: fit(model, ds, '{recipe.name}', model='NAME', out=...)"
         )
 
 
 def fit(
     model: nn.Module,
+    /,
     ds: Dataset,
     recipe: str | Recipe = "seed",
     *,
@@ -123,7 +124,8 @@ def fit(
     `on_step`: called with the training state after every step.
     `checkpoint_every`: a checkpoint every N steps or seconds of training, besides the one
     at the end of each epoch (see `Cadence`).
-    Keyword overrides (epochs=, batch_size=, lr=, eval_every=, ...) change the recipe.
+    Keyword overrides (epochs=, batch_size=, lr=, eval_every=, model=, ...) change the
+    recipe (`model` is positional, so `model="NAME"` names the recipe's network).
     Under `torchrun`, trains data-parallel; only rank 0 evaluates, prints and writes.
     """
     recipe = resolve_recipe(recipe, dataset=ds.name, **overrides)
