@@ -247,8 +247,12 @@ def layer_table(precision: str, repeats: int, model_name: str = "seed") -> list[
         layers.append((position, group if width > 1 else model[i]))
         i += width
     rows = []
-    for index, (position, layer) in enumerate(layers):
-        first = index == 0  # the input image needs no gradient
+    learned = False  # whether a layer before this one has parameters
+    for position, layer in layers:
+        # The image needs no gradient, nor does anything computed from it by layers without
+        # parameters (a crop): the first stage's kernel takes only such an input
+        first = not learned
+        learned = learned or any(p.requires_grad for p in layer.parameters())
         x = x.detach().requires_grad_(not first)
         forward, backward = _forward_and_backward(layer, x, first, bf16)
         out = forward()
