@@ -64,9 +64,10 @@ SEED = _add(Recipe(name="seed", model="seed", epochs=10, batch_size=128, lr=1e-3
 # Adam, 1.6 epochs left 3-4 of 10 digit runs short of the course's 0.9911; with Muon, 1.8
 # epochs put every one of seeds 0-19 above it. With label smoothing of 0.05 as well (the
 # target 0.95 on the true class and 0.005 on each other), the same accuracy takes a sixth
-# fewer epochs: 1.5 of digits instead of 1.8, 1.1 of clothes instead of 1.3 (seeds 0-19,
-# float32: lowest runs 0.9920 and 0.9019). MNIST and Fashion-MNIST have settings of their
-# own (`FOR_DATASET`); other data sets get these.
+# fewer epochs: 1.5 of digits instead of 1.8, 1.1 of clothes instead of 1.3 (float32, the
+# lowest of seeds 0-19 on one thread 0.9920 and 0.9019, of seeds 0-9 on two 0.9916 and
+# 0.9003: benchmarks/RESULTS.md). MNIST and Fashion-MNIST have settings of their own
+# (`FOR_DATASET`); other data sets get these.
 FAST = _add(
     Recipe(
         name="fast", model="fast", epochs=1.8, batch_size=128, lr=3e-2, optimizer="muon",
