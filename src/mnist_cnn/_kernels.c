@@ -143,8 +143,8 @@ POOL2X2_KERNELS(f32, float, f32_to_float)
  * gradients, grad_w[t][k] = sum of grad[k] * x[tap t of the window's maximum], per thread
  * into `partial` [parts][10][C] (taps 0-8, then the bias), which the caller adds up in a
  * fixed order, so the result does not depend on timing. With AVX2, each channel's taps
- * are picked out of its window by one permutation (0.50x the time of four masked passes
- * in float32, 0.58x in bf16, the same bits; benchmarks/RESULTS.md).
+ * are picked out of its window by one permutation (0.52-0.59x the time of four masked
+ * passes, the same bits; benchmarks/RESULTS.md).
  * In bfloat16 (under autocast) x, weight and bias are rounded to bfloat16 first and each
  * convolution output is rounded before pooling: PyTorch's bf16 convolution, with the
  * products summed in float32.
