@@ -280,6 +280,21 @@ def test_first_stage_passes_nan_on_as_the_plain_layers_do():
 
 
 @needs_kernel
+def test_first_stage_gradients_see_an_infinite_pixel_as_the_plain_layers_do():
+    """An infinite pixel times a zero gradient (a position that is not its window's maximum,
+    or a window ReLU zeroed) is NaN in the plain layers' weight gradients: the backward's
+    one-pass path, which multiplies only the maxima's taps, must not take such a row."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 6, 6)
+    x[1, 0, 3, 2] = float("inf")
+    weight, bias = torch.randn(8, 1, 3, 3), torch.zeros(8)
+    grad = torch.ones(2, 8, 3, 3)
+    (_, plain_w, plain_b), (_, fused_w, fused_b) = _stage_both_ways(x, weight, bias, grad, False)
+    assert plain_w.isnan().any() and torch.equal(fused_w.isnan(), plain_w.isnan())
+    assert torch.equal(fused_b.isnan(), plain_b.isnan())
+
+
+@needs_kernel
 def test_the_first_stage_kernel_runs_where_it_applies_and_nowhere_else(monkeypatch):
     calls = _count_calls(monkeypatch, "_first_stage_forward")
     torch.manual_seed(0)

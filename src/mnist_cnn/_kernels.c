@@ -204,7 +204,7 @@ static inline void f8_store(void *p, f8 v, int bf16) {
 
 /* Rows 2i-1 .. 2i+2 of an image (those a row of windows reads), rounded as the
  * convolution reads them, with a zero column each side and zero rows outside the image.
- * Returns whether every value is finite. */
+ * Returns whether every value read is finite. */
 static inline int stage1_padded_rows(float rows[4][STAGE1_MAX_W + 2], const float *img,
                                      int64_t i, int64_t h, int64_t w, int bf16) {
     uint32_t special = 0; /* whether some value's exponent bits are all set: inf or NaN */
@@ -218,10 +218,10 @@ static inline int stage1_padded_rows(float rows[4][STAGE1_MAX_W + 2], const floa
         }
         const float *in = img + r * w;
         for (int64_t s = 0; s < w; s++) {
-            uint32_t bits;
-            memcpy(&bits, &in[s], sizeof bits);
-            special |= (bits & 0x7F800000u) == 0x7F800000u;
             out[s] = bf16 ? round_to_bf16(in[s]) : in[s];
+            uint32_t bits; /* as read: a float near its maximum rounds to a bf16 infinity */
+            memcpy(&bits, &out[s], sizeof bits);
+            special |= (bits & 0x7F800000u) == 0x7F800000u;
         }
     }
     return !special;
