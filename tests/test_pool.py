@@ -267,14 +267,19 @@ def test_first_stage_ties_and_zeros_match_bit_for_bit(n, c, h, w, bf16, seed):
     _assert_bitwise_equal(fused_b, plain_b)
 
 
-@needs_kernel
-def test_first_stage_passes_nan_on_as_the_plain_layers_do():
+def _stage_with_one_pixel(image: int, row: int, col: int, value: float):
+    """Both ways of a float32 first stage on random 6x6 images with one pixel set to `value`
+    and a gradient of ones: ((plain, plain_w, plain_b), (fused, fused_w, fused_b))."""
     torch.manual_seed(0)
     x = torch.rand(2, 1, 6, 6)
-    x[0, 0, 2, 3] = float("nan")
+    x[image, 0, row, col] = value
     weight, bias = torch.randn(8, 1, 3, 3), torch.zeros(8)
-    grad = torch.ones(2, 8, 3, 3)
-    (plain, plain_w, _), (fused, fused_w, _) = _stage_both_ways(x, weight, bias, grad, False)
+    return _stage_both_ways(x, weight, bias, torch.ones(2, 8, 3, 3), False)
+
+
+@needs_kernel
+def test_first_stage_passes_nan_on_as_the_plain_layers_do():
+    (plain, plain_w, _), (fused, fused_w, _) = _stage_with_one_pixel(0, 2, 3, float("nan"))
     assert torch.equal(fused.isnan(), plain.isnan()) and fused.isnan().any()
     assert torch.equal(fused_w.isnan(), plain_w.isnan())
 
@@ -284,12 +289,7 @@ def test_first_stage_gradients_see_an_infinite_pixel_as_the_plain_layers_do():
     """An infinite pixel times a zero gradient (a position that is not its window's maximum,
     or a window ReLU zeroed) is NaN in the plain layers' weight gradients: the backward's
     one-pass path, which multiplies only the maxima's taps, must not take such a row."""
-    torch.manual_seed(0)
-    x = torch.rand(2, 1, 6, 6)
-    x[1, 0, 3, 2] = float("inf")
-    weight, bias = torch.randn(8, 1, 3, 3), torch.zeros(8)
-    grad = torch.ones(2, 8, 3, 3)
-    (_, plain_w, plain_b), (_, fused_w, fused_b) = _stage_both_ways(x, weight, bias, grad, False)
+    (_, plain_w, plain_b), (_, fused_w, fused_b) = _stage_with_one_pixel(1, 3, 2, float("inf"))
     assert plain_w.isnan().any() and torch.equal(fused_w.isnan(), plain_w.isnan())
     assert torch.equal(fused_b.isnan(), plain_b.isnan())
 
