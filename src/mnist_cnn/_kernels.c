@@ -265,18 +265,6 @@ static inline __attribute__((always_inline)) void stage1_forward_rows(
     }
 }
 
-/* One window's gradient sums, four masked passes: each of the window's four positions adds
- * its taps times the gradient where it holds the maximum, zero times them elsewhere (so an
- * infinite or NaN tap anywhere in the window makes the sums NaN, as the plain layers'). */
-static inline __attribute__((always_inline)) void stage1_backward_masked(
-    float rows[4][STAGE1_MAX_W + 2], int64_t j, f8 g, i8 where, f8 *sums) {
-    for (int p = 0; p < 4; p++) {
-        const f8 gp = f8_select(where == p, g, (f8){0});
-        for (int t = 0; t < 9; t++) sums[t * STAGE1_MAX_V] += gp * STAGE1_TAP(rows, j, p, t);
-        sums[9 * STAGE1_MAX_V] += gp;
-    }
-}
-
 static inline __attribute__((always_inline)) void stage1_backward_rows(
     const float *x, const void *grad, const uint8_t *code, f8 sums[10][STAGE1_MAX_V],
     int64_t first, int64_t last, int64_t h, int64_t w, int64_t c, const int64_t vectors,
@@ -312,11 +300,19 @@ static inline __attribute__((always_inline)) void stage1_backward_rows(
                 continue;
             }
 #endif
+            /* Four masked passes: each of the window's positions adds its taps times the
+             * gradient where it holds the maximum, zero times them elsewhere (so an infinite
+             * or NaN tap anywhere in the window makes the sums NaN, as the plain layers'). */
             for (int64_t v = 0; v < vectors; v++) {
                 const f8 g = f8_load((const char *)grad + (at + 8 * v) * size, bf16);
                 byte8 bytes;
                 memcpy(&bytes, code + at + 8 * v, sizeof bytes);
-                stage1_backward_masked(rows, j, g, __builtin_convertvector(bytes, i8), &sums[0][v]);
+                const i8 where = __builtin_convertvector(bytes, i8);
+                for (int p = 0; p < 4; p++) {
+                    const f8 gp = f8_select(where == p, g, (f8){0});
+                    for (int t = 0; t < 9; t++) sums[t][v] += gp * STAGE1_TAP(rows, j, p, t);
+                    sums[9][v] += gp;
+                }
             }
         }
     }
