@@ -56,7 +56,7 @@ def test_stage_outputs_show_each_stage_once_for_every_model():
     for name in MODELS:
         stages = stage_outputs(build_model(name).eval(), image)
         # The cropped networks see the middle of the image only.
-        h, w = {"fast-24x24": (24, 24), "fast-28x24": (28, 24)}.get(name, (28, 28))
+        h, w = {"fast-28x24": (28, 24)}.get(name, (24, 24) if "24x24" in name else (28, 28))
         sizes = [(h, w), (h // 2, w // 2), (h // 4, w // 4)]
         assert [tuple(out.shape[-2:]) for _, out in stages] == sizes, name
         assert all(out.min() >= 0 for _, out in stages)  # after ReLU
@@ -159,22 +159,31 @@ def test_huge_pictures_are_refused_before_decoding(run_cli, trained_run, tmp_pat
 
 
 def test_a_fast_run_on_mnist_trains_the_centre_and_exports_and_explains(tmp_path):
-    """`fast` trains `fast-24x24` on MNIST: every path that loads a run takes 28x28 images
-    still, and the ONNX graph crops as the network does."""
-    pytest.importorskip("onnxruntime")
+    """`fast` trains `fast-24x24-shifts` on MNIST: every path that loads a run takes 28x28
+    images still, and the ONNX graph crops and averages the shifted windows as the network
+    does."""
+    ort = pytest.importorskip("onnxruntime")
     from mnist_cnn import build_model, fit, load_dataset, resolve_recipe
     from mnist_cnn.explain import stage_outputs
     from mnist_cnn.export import export_onnx
+    from mnist_cnn.metrics import to_input
 
     ds = load_dataset("mnist")
-    assert resolve_recipe("fast", dataset="mnist").model == "fast-24x24"
+    assert resolve_recipe("fast", dataset="mnist").model == "fast-24x24-shifts"
     run = tmp_path / "fast"
     torch.manual_seed(0)
-    fit(build_model("fast-24x24"), ds, "fast", epochs=0.05, out=run, progress=False, log=None)
-    assert json.loads((run / "config.json").read_text())["recipe"]["model"] == "fast-24x24"
-    _, parity = export_onnx(run)
+    net = build_model("fast-24x24-shifts")
+    fit(net, ds, "fast", epochs=0.05, out=run, progress=False, log=None)
+    assert json.loads((run / "config.json").read_text())["recipe"]["model"] == "fast-24x24-shifts"
+    path, parity = export_onnx(run)
     assert parity.ok and parity.classes_agree == parity.images
     model = load_model(run)
+    x = to_input(ds.test.images[:64])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    with torch.inference_mode():
+        averaged, plain = torch.softmax(model(x), 1), torch.softmax(model.net(x), 1)
+    assert (got - averaged).abs().max() < 1e-4 < (got - plain).abs().max()
     stages = stage_outputs(model, ds.test.images[0])
     assert [tuple(out.shape[-2:]) for _, out in stages] == [(24, 24), (12, 12), (6, 6)]
     records = predict_records(model, ds.test.images[:1], ["test[0]"], ds.classes)

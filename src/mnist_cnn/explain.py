@@ -11,7 +11,7 @@ from mnist_cnn.data.batches import to_input
 from mnist_cnn.errors import UserError
 from mnist_cnn.figures import conv_filters, feature_maps
 from mnist_cnn.metrics import predict_logits, uses_channels_last
-from mnist_cnn.models import MirrorAveraged
+from mnist_cnn.models import ViewAveraged
 from mnist_cnn.predict import check_finite
 from mnist_cnn.run import FEATURE_MAPS, FILTERS, WEIGHTS, Run
 
@@ -23,7 +23,7 @@ def stage_outputs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, torc
     The hook sits on the module feeding each max pooling (the convolution, or its
     BatchNorm), so the maps keep the stage's full resolution.
     """
-    if isinstance(model, MirrorAveraged):  # its stages, for the image as given
+    if isinstance(model, ViewAveraged):  # its stages, for the image as given
         model = model.net
     modules = list(model.modules())
     feeders = [modules[i - 1] for i, m in enumerate(modules) if isinstance(m, nn.MaxPool2d)]

@@ -27,7 +27,7 @@ from mnist_cnn.data.batches import to_input
 from mnist_cnn.errors import UserError
 from mnist_cnn.io import atomic_path
 from mnist_cnn.metrics import predict_logits
-from mnist_cnn.models import MirrorAveraged
+from mnist_cnn.models import ViewAveraged
 from mnist_cnn.paths import cannot_write
 from mnist_cnn.predict import check_finite
 from mnist_cnn.run import ONNX, WEIGHTS, Run
@@ -52,12 +52,12 @@ class WithSoftmax(nn.Module):
 class WithStages(WithSoftmax):
     """Probabilities, then each convolution stage's maps as extra outputs `stage1`, ...:
     ReLU of what feeds each max pooling, the maps `explain` draws (the web page's layer
-    view shows them). A mirror-averaging model runs its network twice; the first run is
-    the image as given, and its maps are the ones returned."""
+    view shows them). A view-averaging model runs its network once per view; the first run
+    is the image as given, and its maps are the ones returned."""
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        modules = list((model.net if isinstance(model, MirrorAveraged) else model).modules())
+        modules = list((model.net if isinstance(model, ViewAveraged) else model).modules())
         self.feeders = [
             modules[i - 1] for i, m in enumerate(modules) if isinstance(m, nn.MaxPool2d)
         ]

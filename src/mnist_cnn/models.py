@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mnist_cnn.errors import UserError
@@ -253,25 +254,66 @@ def deep_bn_cnn(num_classes: int = 10) -> nn.Module:
     return init_like_flux(model)
 
 
-class MirrorAveraged(nn.Module):
-    """A network that, once trained, also looks at the mirror image of its input.
+def shifted(x: torch.Tensor, down: int, right: int) -> torch.Tensor:
+    """Images `x` [N,C,H,W] moved `down` and `right` by one pixel at most (-1, 0 or 1; -1 is
+    up or left), the pixels that come in 0 (the background)."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1))
+    return padded[..., 1 - down : 1 - down + h, 1 - right : 1 - right + w]
 
-    In eval mode it returns the mean of the logits for each image and for the image
-    flipped left to right (test-time augmentation, for data where a mirrored item is the
-    same class: clothes, not digits). In training mode it is `net` alone.
+
+# The other views of an image a `ViewAveraged` network looks at in eval mode.
+VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mirror": lambda x: x.flip(-1),
+    "up": lambda x: shifted(x, -1, 0),
+    "down": lambda x: shifted(x, 1, 0),
+    "left": lambda x: shifted(x, 0, -1),
+    "right": lambda x: shifted(x, 0, 1),
+}
+
+
+class ViewAveraged(nn.Module):
+    """A network that, once trained, also looks at other views of its input.
+
+    In eval mode it returns the mean of the logits for each image as given and for each of
+    its `views` (names in `VIEWS`): test-time augmentation, where a view keeps an image's
+    class (a mirrored coat, a digit one pixel off centre). In training mode it is `net`
+    alone, so training costs what `net`'s does.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, views: tuple[str, ...]):
         super().__init__()
+        unknown = [v for v in views if v not in VIEWS]
+        if unknown or not views:
+            raise ValueError(f"views must be some of {', '.join(VIEWS)}: got {views}")
         self.net = net
+        self.views = tuple(views)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self.net(x)
-        return (self.net(x) + self.net(x.flip(-1))) / 2
+        total = self.net(x)
+        for view in self.views:
+            total = total + self.net(VIEWS[view](x))
+        return total / (len(self.views) + 1)
+
+    def extra_repr(self) -> str:
+        return f"views={self.views}"
 
 
 @register("deep-bn-mirror")
 def deep_bn_mirror_cnn(num_classes: int = 10) -> nn.Module:
     """`deep-bn` that averages its logits over the image and its mirror at test time."""
-    return MirrorAveraged(deep_bn_cnn(num_classes))
+    return ViewAveraged(deep_bn_cnn(num_classes), ("mirror",))
+
+
+@register("fast-24x24-shifts")
+def fast_24x24_shifts_cnn(num_classes: int = 10) -> nn.Module:
+    """`fast-24x24` that, at test time, averages its logits over the image and the image
+    moved one pixel up, down, left and right (four more 24x24 windows of the 28x28 frame).
+
+    Trained alone for 1.0 epoch of MNIST, seeds 0-19, float32: 0.9929 mean and 0.9923 lowest
+    with the shifted views, 0.9923 and 0.9914 without (benchmarks/RESULTS.md). Training
+    costs what `fast-24x24`'s does; evaluation five times as much.
+    """
+    return ViewAveraged(fast_24x24_cnn(num_classes), ("up", "down", "left", "right"))
