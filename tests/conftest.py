@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -115,6 +116,48 @@ def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
             timeout=timeout,
         )
         return done.returncode, done.stdout, done.stderr
+
+    return run
+
+
+# Runs commands one after another through `mnist_cnn.cli.main`, as `python -m mnist_cnn`
+# does, in one fresh interpreter, each with its own stdout and stderr, and prints their
+# (code, stdout, stderr) as JSON. What a refused command prints is the same; the commands
+# share the one `import torch` (1.6 s each otherwise).
+_RUN_EACH = r"""
+import contextlib, io, json, sys, traceback
+from mnist_cnn.cli import main
+results = []
+for argv in json.load(sys.stdin):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own refusals
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # what a process would die of, with its traceback
+            traceback.print_exc()
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+sys.__stdout__.write(json.dumps(results))
+"""
+
+
+@pytest.fixture
+def run_cli_each(tmp_path: Path) -> Callable[..., list[CliResult]]:
+    """`run_cli_each(COMMANDS, cwd=None)`: each command (a list of arguments) run as
+    `python -m mnist_cnn ARGS` would run it, all in one subprocess (in `cwd`, default
+    tmp_path), for tests that try many refusals; a list of (returncode, stdout, stderr).
+    Output past Python's own streams (from a library's C code) fails the test."""
+
+    def run(commands: list[list], cwd: Path | None = None) -> list[CliResult]:
+        argvs = [[str(arg) for arg in command] for command in commands]
+        done = subprocess.run(
+            [sys.executable, "-c", _RUN_EACH], input=json.dumps(argvs), cwd=cwd or tmp_path,
+            capture_output=True, text=True, timeout=60 + 30 * len(argvs),
+        )  # fmt: skip
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        return [tuple(result) for result in json.loads(done.stdout)]
 
     return run
 

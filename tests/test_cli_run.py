@@ -49,7 +49,7 @@ def test_train_threads_flag_sets_the_cpu_threads(run_cli, tiny_idx_folder, tmp_p
     assert code == 2 and "--threads" in one_error_line(err)
 
 
-def test_train_refuses_bad_settings(run_cli, tiny_idx_folder, tmp_path):
+def test_train_refuses_bad_settings(run_cli_each, tiny_idx_folder, tmp_path):
     folder = tiny_idx_folder()
     cases = [
         (["train", "--dataset", "nope"], "unknown data set"),
@@ -57,15 +57,14 @@ def test_train_refuses_bad_settings(run_cli, tiny_idx_folder, tmp_path):
         (["train", "--dataset", str(folder), "--lr", "-1"], "--lr: -1 must be more than 0"),
         (["train", "--dataset", str(folder), "--recipe", "nope"], "unknown recipe"),
         (["train", "--dataset", str(folder), "--device", "cuda"], "CUDA"),
+        (["train", "--dataset", str(folder), "--out", str(tmp_path / "taken")], "--overwrite"),
     ]
-    for args, message in cases:
-        code, _, err = run_cli(*args)
-        assert code == 2, (args, err)
-        assert message in one_error_line(err)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "config.json").write_text("{}")
-    code, _, err = run_cli("train", "--dataset", str(folder), "--out", str(tmp_path / "taken"))
-    assert code == 2 and "--overwrite" in one_error_line(err)
+    for (args, message), (code, _, err) in zip(cases, run_cli_each([a for a, _ in cases]),
+                                               strict=True):  # fmt: skip
+        assert code == 2, (args, err)
+        assert message in one_error_line(err)
     assert (tmp_path / "taken" / "config.json").read_text() == "{}"
 
 
@@ -96,7 +95,7 @@ def test_predict_reads_mnist_like_image_files(run_cli, trained_run, mnist, tmp_p
     assert [r["class_index"] for r in records] == mnist.test.labels[:5].tolist()
 
 
-def test_predict_refuses_bad_input(run_cli, trained_run, tmp_path):
+def test_predict_refuses_bad_input(run_cli_each, trained_run, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     blank = tmp_path / "blank.png"
@@ -110,8 +109,8 @@ def test_predict_refuses_bad_input(run_cli, trained_run, tmp_path):
         ([str(tmp_path), "--index", "0"], "config.json not found"),
         ([str(tmp_path / "nowhere"), "--index", "0"], "not a folder"),
     ]
-    for args, message in cases:
-        code, _, err = run_cli("predict", *args)
+    results = run_cli_each([["predict", *args] for args, _ in cases])
+    for (args, message), (code, _, err) in zip(cases, results, strict=True):
         assert code == 2, (args, err)
         assert message in one_error_line(err), err
 

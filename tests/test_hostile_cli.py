@@ -238,16 +238,16 @@ def test_a_damaged_config_is_refused(run_cli, run_copy, damage, message):
     assert sorted(p.name for p in run_copy.iterdir()) == before  # nothing written
 
 
-def test_truncated_weights_are_refused(run_cli, run_copy):
+def test_truncated_weights_are_refused(run_cli_each, run_copy):
     weights = run_copy / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])
-    for command in (["predict", run_copy, "--index", "0", "--json"],
-                    ["export", run_copy, "--out", run_copy / "m.onnx"]):  # fmt: skip
-        one_line(run_cli(*command), f"{weights}: unreadable weights", "train the run again")
+    for result in run_cli_each([["predict", run_copy, "--index", "0", "--json"],
+                                ["export", run_copy, "--out", run_copy / "m.onnx"]]):  # fmt: skip
+        one_line(result, f"{weights}: unreadable weights", "train the run again")
     assert not (run_copy / "m.onnx").exists() and leftovers(run_copy) == []
 
 
-def test_nan_weights_never_reach_json(run_cli, run_copy):
+def test_nan_weights_never_reach_json(run_cli_each, run_copy):
     from safetensors.torch import load_file, save_file
 
     weights = run_copy / WEIGHTS
@@ -257,9 +257,10 @@ def test_nan_weights_never_reach_json(run_cli, run_copy):
     save_file(state, weights)
     before = sorted(p.name for p in run_copy.iterdir())
     message = f"the weights in {weights} give non-finite outputs (NaN or infinity)"
-    for command in (["predict", run_copy, "--index", "0", "--json"], ["evaluate", run_copy],
-                    ["explain", run_copy, "--index", "0"], ["export", run_copy]):  # fmt: skip
-        one_line(run_cli(*command), message, "train the run again")
+    for result in run_cli_each([["predict", run_copy, "--index", "0", "--json"],
+                                ["evaluate", run_copy], ["explain", run_copy, "--index", "0"],
+                                ["export", run_copy]]):  # fmt: skip
+        one_line(result, message, "train the run again")
     assert sorted(p.name for p in run_copy.iterdir()) == before  # no report, figure or model
 
 

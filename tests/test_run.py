@@ -268,15 +268,15 @@ def test_default_run_directories_never_collide(tmp_path):
     assert default_run_dir("mnist", "seed", tmp_path) not in (first, second)
 
 
-def test_a_run_whose_config_lacks_a_key_is_one_clear_error(run_cli, digits, tmp_path):
+def test_a_run_whose_config_lacks_a_key_is_one_clear_error(run_cli_each, digits, tmp_path):
     out = tmp_path / "run"
     train(digits, out)
     config = json.loads((out / "config.json").read_text())
     del config["dataset"]
     (out / "config.json").write_text(json.dumps(config))
-    for command in (["evaluate", out], ["predict", out, "--index", "0"], ["explain", out,
-                    "--index", "0"], ["train", "--resume", out]):  # fmt: skip
-        code, _, err = run_cli(*command)
+    commands = [["evaluate", out], ["predict", out, "--index", "0"],
+                ["explain", out, "--index", "0"], ["train", "--resume", out]]  # fmt: skip
+    for code, _, err in run_cli_each(commands):
         assert code == 2 and err.count("\n") == 1, err
         assert "config.json lacks dataset" in err
 
