@@ -95,25 +95,30 @@ def test_interrupted_then_resumed_run_is_bit_identical(
     assert [json.loads(r)["step"] for r in rows] == steps
 
 
-def test_an_interrupted_fast_run_resumes_bit_for_bit(digits_folder, tmp_path):
-    """`fast` learns with MuonAdam: its momentum buffers travel in the checkpoint too."""
+@pytest.mark.parametrize("cut_at_line", [8, 14])
+def test_an_interrupted_fast_run_resumes_bit_for_bit(digits_folder, tmp_path, cut_at_line):
+    """`fast` learns with MuonAdam: its momentum buffers travel in the checkpoint too. Its
+    first convolution stops learning at step 10 of 20: a run cut before that stops it there
+    as the uninterrupted run does, one cut after it resumes with it stopped."""
 
     def train_fast(out: Path, log=None):
         torch.manual_seed(0)
         return fit(build_model("fast"), load_dataset(str(digits_folder)), "fast", seed=0,
-                   out=out, log=log, progress=False, epochs=1, eval_every=1e-9)  # fmt: skip
+                   out=out, log=log, progress=False, epochs=1, eval_every=1e-9,
+                   freeze_first_at=0.5)  # fmt: skip
 
     train_fast(tmp_path / "whole")
     lines = []
 
     def interrupt(line: str) -> None:
         lines.append(line)
-        if len(lines) == 8:
+        if len(lines) == cut_at_line:
             signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted):
         train_fast(tmp_path / "cut", log=interrupt)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt").optimizer["state"]
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert cut.optimizer["state"] and (cut.state.step < 10) == (cut_at_line < 10)
     resume_run(tmp_path / "cut", log=None, progress=False)
     assert same_weights(weights(tmp_path / "cut"), weights(tmp_path / "whole"))
 
@@ -240,6 +245,25 @@ def test_rank_shards_are_disjoint_and_cover_every_batch():
         joined = torch.cat(parts)
         assert len(joined) == len(batch)
         assert torch.equal(joined.sort().values, batch.sort().values)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_on_after_the_first_convolution_stops_learning(digits_folder, tmp_path):
+    """Under torchrun the frozen layer leaves DistributedDataParallel, which would refuse
+    the next step otherwise (it waits for a gradient of every parameter it was given)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = ["-m", "mnist_cnn", "train", "--dataset", str(digits_folder), "--recipe", "fast",
+            "--epochs", "1", "--eval-every", "0", "--checkpoint-every", "10"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", *args, "--out", "two"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["processes"] == 2 and config["recipe"]["freeze_first_at"] == 0.5
+    final = weights(tmp_path / "two")
+    assert torch.isfinite(final["0.weight"]).all()
 
 
 @pytest.mark.slow

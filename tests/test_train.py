@@ -244,6 +244,29 @@ def test_fractional_epochs_stop_mid_epoch(mnist):
     assert run.history[-1]["epoch"] == 1.5
 
 
+def test_the_first_convolution_stops_learning_after_its_share_of_the_steps(mnist):
+    """`freeze_first_at=0.5` of 20 steps: the first convolution takes steps 0-9 and keeps
+    its weights from then on, while every other layer learns to the end."""
+    small = subset(mnist, 1280, 200)  # 10 steps per epoch
+    torch.manual_seed(0)
+    model = build_model("fast")
+    first, second = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][:2]
+    after = {}
+
+    def keep(state):
+        after[state.step] = (first.weight.detach().clone(), second.weight.detach().clone())
+
+    fit(model, small, "fast", epochs=2, freeze_first_at=0.5, eval_every=0, progress=False,
+        log=None, on_step=keep)  # fmt: skip
+    assert sorted(after) == list(range(1, 21))
+    assert not torch.equal(after[9][0], after[10][0])  # step 9 still moved it
+    assert all(torch.equal(after[10][0], after[n][0]) for n in range(11, 21))
+    assert not torch.equal(after[10][1], after[20][1])  # the second one learned on
+    assert not first.weight.requires_grad and second.weight.requires_grad
+    with pytest.raises(UserError, match=r"freeze_first_at must lie in 0\.\.1"):
+        resolve_recipe("fast", freeze_first_at=1.5)
+
+
 # --- recipes beyond the notebook, augmentation ----------------------------------------------
 
 

@@ -170,6 +170,7 @@ def fit(
         writer.append_metrics(row)
         say(_eval_line(row, ds.num_classes))
 
+    frozen_from = freeze_step(recipe, len(batches))
     try:
         if resume is not None:
             say(f"resuming at step {state.step} of {len(batches)} "
@@ -180,6 +181,8 @@ def fit(
         with _StopOnSignal() as stop, _Progress(batches, recipe, progress, world) as bar:
             for batch in batches.from_step(state.step):
                 tick = time.perf_counter()
+                if batch.step >= frozen_from and first_conv_learns(core):
+                    net = freeze_first_conv(core, world)
                 lr = recipe.lr * lr_factor(recipe, batch.step, len(batches))
                 loss = train_step(net, optimizer, batch, lr, recipe, precision, dev)
                 state.step += 1
@@ -405,6 +408,36 @@ def train_step(
     loss.backward()
     optimizer.step()
     return loss
+
+
+def freeze_step(recipe: Recipe, steps: int) -> int:
+    """The step from which the first convolution stops learning (`steps`: it never does)."""
+    return math.ceil(recipe.freeze_first_at * steps)
+
+
+def _first_conv(model: nn.Module) -> nn.Conv2d | None:
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def first_conv_learns(model: nn.Module) -> bool:
+    conv = _first_conv(model)
+    return conv is not None and any(p.requires_grad for p in conv.parameters())
+
+
+def freeze_first_conv(model: nn.Module, world: World) -> nn.Module:
+    """Stop the first convolution of `model` learning, and return what to train (under
+    torchrun, a new DistributedDataParallel of the parameters still learning).
+
+    The layer nearest the image learns its edges and strokes first, and by half-way
+    through a decaying learning rate it moves little (FreezeOut, Brock et al. 2017). Frozen,
+    it needs no weight gradient, and the second convolution no gradient for its input:
+    about a sixth of a `fast` step in float32 (benchmarks/RESULTS.md). Its optimizer state
+    is kept, so a checkpoint resumes as before.
+    """
+    for p in _first_conv(model).parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return DistributedDataParallel(model) if world.distributed else model
 
 
 def seconds_per_epoch_probe(
