@@ -30,9 +30,11 @@ def workdir(tmp_path_factory, real_digits) -> Path:
 
 
 def train_args(out: str, epochs: str = "2", every: str = "2") -> list[str]:
-    return ["-m", "mnist_cnn", "train", "--dataset", "digits", "--epochs", epochs,
-            "--eval-every", "0", "--threads", "1", "--checkpoint-every", every,
-            "--resume-if-exists", "--out", out]  # fmt: skip
+    """`fast`, whose first convolution stops learning half-way: under torchrun that takes a
+    new DistributedDataParallel, and a kill lands before or after it."""
+    return ["-m", "mnist_cnn", "train", "--dataset", "digits", "--recipe", "fast",
+            "--epochs", epochs, "--eval-every", "0", "--threads", "1", "--checkpoint-every",
+            every, "--resume-if-exists", "--out", out]  # fmt: skip
 
 
 def launcher(*options: str) -> list[str]:
