@@ -170,7 +170,8 @@ def fit(
         writer.append_metrics(row)
         say(_eval_line(row, ds.num_classes))
 
-    frozen_from, frozen = freeze_step(recipe, len(batches)), []
+    # A resumed run past that step freezes before its first step, as the first run did.
+    freeze_at, frozen = max(freeze_step(recipe, len(batches)), state.step), []
     try:
         if resume is not None:
             say(f"resuming at step {state.step} of {len(batches)} "
@@ -181,9 +182,10 @@ def fit(
         with _StopOnSignal() as stop, _Progress(batches, recipe, progress, world) as bar:
             for batch in batches.from_step(state.step):
                 tick = time.perf_counter()
-                if batch.step >= frozen_from and first_conv_learns(core):
+                if batch.step == freeze_at:
                     frozen = freeze_first_conv(core)
-                    net = DistributedDataParallel(core) if world.distributed else core
+                    if frozen and world.distributed:
+                        net = DistributedDataParallel(core)
                 lr = recipe.lr * lr_factor(recipe, batch.step, len(batches))
                 loss = train_step(net, optimizer, batch, lr, recipe, precision, dev)
                 state.step += 1
@@ -422,11 +424,6 @@ def _first_conv(model: nn.Module) -> nn.Conv2d | None:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
 
-def first_conv_learns(model: nn.Module) -> bool:
-    conv = _first_conv(model)
-    return conv is not None and any(p.requires_grad for p in conv.parameters())
-
-
 def freeze_first_conv(model: nn.Module) -> list[nn.Parameter]:
     """Stop the first convolution of `model` learning; returns the parameters it stopped.
     Under torchrun the model needs a new DistributedDataParallel of the parameters still
@@ -438,7 +435,8 @@ def freeze_first_conv(model: nn.Module) -> list[nn.Parameter]:
     `fast` step in float32 takes 0.78-0.84x the time on clothes, 0.90-0.94x on digits
     (benchmarks/RESULTS.md). Its optimizer state is kept, so a checkpoint resumes as before.
     """
-    stopped = [p for p in _first_conv(model).parameters() if p.requires_grad]
+    conv = _first_conv(model)
+    stopped = [p for p in conv.parameters() if p.requires_grad] if conv is not None else []
     for p in stopped:
         p.requires_grad_(False)
         p.grad = None
